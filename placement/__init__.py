@@ -1,0 +1,1 @@
+"""Ray side of privatelora (installed as privatelora.placement)."""
