@@ -1,8 +1,11 @@
 """In-process runner: drives device sessions and the cloud part with no IO.
 
-Each tick it hands every message that is ready to ``CloudPart.run`` in one call (the
-cloud batches them by layer) and routes the answers back to their sessions. Sessions can
-join at any tick. This is the protocol in its purest form: the TCP and Ray paths must
+Each tick it hands ready messages to ``CloudPart.run`` in one call (the cloud batches
+them by layer) and routes the answers back to their sessions. Sessions can join at any
+tick. Policy ``all`` runs every ready message each tick; ``trailing`` (default) runs only
+the group at the earliest stage, so sessions that joined out of phase catch up with the
+ones ahead and share their stages from then on (a CPU runs groups one after another
+anyway, so waiting a tick costs no throughput). This is the protocol in its purest form: the TCP and Ray paths must
 produce exactly what it produces.
 """
 
@@ -33,8 +36,18 @@ class RunStats:
 
 
 class InProcessRunner:
-    def __init__(self, cloud):
+    def __init__(self, cloud, policy: str = "trailing"):
+        if policy not in ("all", "trailing"):
+            raise ValueError(f"unknown policy {policy!r}")
         self.cloud = cloud
+        self.policy = policy
+
+    def _pick(self, ready: list) -> tuple[list, list]:
+        if self.policy == "all":
+            return ready, []
+        stage = [getattr(m, "layer", -1) for m in ready]   # a hand-off enters at stage -1
+        first = min(stage)
+        return [m for m, s in zip(ready, stage) if s == first], [m for m, s in zip(ready, stage) if s != first]
 
     def run(self, gens: list[Generation], start_ticks: list[int] | None = None) -> RunStats:
         start_ticks = start_ticks or [0] * len(gens)
@@ -59,8 +72,8 @@ class InProcessRunner:
                     ready.append(msg)
                     active += 1
             if ready:
-                answers = self.cloud.run(ready)
-                ready = []
+                batch, ready = self._pick(ready)
+                answers = self.cloud.run(batch)
                 for ans in answers:
                     g = by_session[ans.session]
                     nxt = g.on(ans)

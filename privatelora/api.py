@@ -1,0 +1,57 @@
+"""One-call construction of a split, for the CLI, examples and tests.
+
+``build_split(model, cfg, adapter)`` loads the backbone, the user's adapter (a file, an
+in-memory ``PrivateAdapter`` or none = M at zero) and returns both parts. When an adapter
+file is given, its recorded rank/targets/shared_a/seed win; ``cfg`` supplies placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import PrivateAdapter, config_from_adapter, load_adapter
+from .cloud import CloudPart
+from .config import PrivateLoRAConfig
+from .device import DevicePart
+from .models import Backbone, load_backbone
+
+
+@dataclass
+class Split:
+    backbone: Backbone
+    cfg: PrivateLoRAConfig
+    adapter: PrivateAdapter
+    cloud: CloudPart
+    device: DevicePart
+
+
+def resolve_config(cfg: PrivateLoRAConfig | None, adapter) -> PrivateLoRAConfig:
+    cfg = cfg or PrivateLoRAConfig()
+    if isinstance(adapter, (str, Path)):
+        return config_from_adapter(adapter, cfg)
+    if isinstance(adapter, PrivateAdapter):
+        a = adapter.cfg
+        return PrivateLoRAConfig(rank=a.rank, targets=a.targets, shared_a=a.shared_a, seed=a.seed,
+                                 device_head_layers=cfg.device_head_layers,
+                                 device_tail_layers=cfg.device_tail_layers, dtype=cfg.dtype)
+    return cfg
+
+
+def load_user_adapter(backbone: Backbone, cfg: PrivateLoRAConfig, adapter) -> PrivateAdapter:
+    if isinstance(adapter, PrivateAdapter):
+        if adapter.fingerprint != backbone.fingerprint:
+            from .adapters import AdapterError
+            raise AdapterError("adapter was made for another backbone")
+        return adapter
+    if adapter is None:
+        return PrivateAdapter(cfg, backbone.n_layers, backbone.fingerprint)
+    return load_adapter(adapter, cfg, backbone.n_layers, backbone.fingerprint)
+
+
+def build_split(model="tiny", cfg: PrivateLoRAConfig | None = None, adapter=None,
+                backbone: Backbone | None = None) -> Split:
+    cfg = resolve_config(cfg, adapter)
+    backbone = backbone or load_backbone(model, dtype=cfg.torch_dtype)
+    user = load_user_adapter(backbone, cfg, adapter)
+    return Split(backbone, cfg, user, CloudPart(backbone, cfg), DevicePart(backbone, cfg, user))

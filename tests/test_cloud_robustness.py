@@ -1,0 +1,122 @@
+"""Bad requests get an Error for that session alone; the cloud holds nothing private."""
+
+import torch
+
+from privatelora import reference
+from privatelora.adapters import PrivateAdapter
+from privatelora.cloud import CloudPart
+from privatelora.config import PrivateLoRAConfig
+from privatelora.device import DevicePart
+from privatelora.generation import Generation, SamplingParams
+from privatelora.privacy import PRIVATE_PREFIX, is_private
+from privatelora.protocol import Activations, Error, Handoff, Reply
+from privatelora.runner import InProcessRunner
+
+
+def _walk_tensors(obj, path="cloud", seen=None):
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_tensors(k, f"{path}.key", seen)
+            yield from _walk_tensors(v, f"{path}[{k!r}]", seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for i, v in enumerate(obj):
+            yield from _walk_tensors(v, f"{path}[{i}]", seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("privatelora"):
+        for k, v in vars(obj).items():
+            yield from _walk_tensors(v, f"{path}.{k}", seen)
+
+
+def test_cloud_state_holds_no_private_tensor(backbones):
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    adapter = PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(3)
+    cloud, device = CloudPart(bb, cfg), DevicePart(bb, cfg, adapter)
+    g = Generation(device.session(1), [5, 6, 7, 8], SamplingParams(max_new_tokens=3))
+    cloud.open(1)
+    msg = g.start()
+    for _ in range(3):     # stop mid-generation, with a live KV cache and an in-flight stage
+        (ans,) = cloud.run([msg])
+        msg = g.on(ans)
+    found = list(_walk_tensors(cloud))
+    assert any("caches" in p for p, _ in found)          # the walk does reach session state
+    assert not [p for p, t in found if is_private(t)]
+    assert not [p for p in (n for n, _ in found) if PRIVATE_PREFIX in p]
+    m_values = {t.data_ptr() for t in adapter.M.values()}
+    assert not [p for p, t in found if t.data_ptr() in m_values]
+    # the device side does hold them (the walk would find them there)
+    assert [p for p, t in _walk_tensors(device, "device") if is_private(t)]
+
+
+def test_bad_requests_are_isolated(backbones):
+    bb = backbones["mistral"]
+    cfg = PrivateLoRAConfig(rank=4)
+    adapter = PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(9, scale=2.0)
+    cloud, device = CloudPart(bb, cfg), DevicePart(bb, cfg, adapter)
+    good = Generation(device.session(1), [3, 4, 5, 6, 7], SamplingParams(max_new_tokens=10))
+    cloud.open(1)
+    for sid in (2, 3, 4, 5, 6):
+        cloud.open(sid)
+    d = bb.config.hidden_size
+    msg = good.start()
+    codes = []
+    step = 0
+    while msg is not None:
+        bad = [
+            Handoff(99, 0, torch.zeros(1, d)),                                  # unknown session
+            Handoff(2, 0, torch.full((2, d), float("nan"))),                    # NaN
+            Handoff(3, 0, torch.zeros(2, d + 1)),                               # wrong shape
+            Reply(4, 0, (torch.zeros(1, 4),) * 3),                              # reply never asked for
+            Handoff(5, 7, torch.zeros(1, d)),                                   # wrong position
+            Handoff(6, 0, torch.zeros(10_000, d)),                              # oversized prompt
+            "garbage",
+        ]
+        answers = cloud.run([*bad[: step % 7 + 1], msg])
+        errs = [a for a in answers if isinstance(a, Error)]
+        codes += [e.code for e in errs]
+        (ans,) = [a for a in answers if a.session == 1]
+        assert not isinstance(ans, Error)
+        msg = good.on(ans)
+        step += 1
+    ref, _ = reference.generate(reference.merged_model(bb, adapter), [3, 4, 5, 6, 7], SamplingParams(max_new_tokens=10))
+    assert good.tokens == ref
+    assert {"unknown_session", "not_finite", "bad_shape", "out_of_order", "bad_position", "too_many_tokens", "bad_request"} <= set(codes)
+
+
+def test_reply_with_wrong_shape_or_nan_is_refused_then_session_recovers(backbones):
+    bb = backbones["qwen2"]
+    cfg = PrivateLoRAConfig(rank=4)
+    adapter = PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(2)
+    cloud, device = CloudPart(bb, cfg), DevicePart(bb, cfg, adapter)
+    g = Generation(device.session(1), [9, 8, 7], SamplingParams(max_new_tokens=4))
+    cloud.open(1)
+    (act,) = cloud.run([g.start()])
+    assert isinstance(act, Activations)
+    good = g.on(act)
+    for bad in (Reply(1, act.layer, good.m[:2]), Reply(1, act.layer, (good.m[0] * float("inf"),) + good.m[1:]),
+                Reply(1, act.layer + 1, good.m), Reply(1, act.layer, tuple(m[:1] for m in good.m))):
+        (err,) = cloud.run([bad])
+        assert isinstance(err, Error)
+    (nxt,) = cloud.run([good])     # the session's state was not disturbed
+    msg = g.on(nxt)
+    while msg is not None:
+        (ans,) = cloud.run([msg])
+        msg = g.on(ans)
+    assert g.tokens == reference.generate(reference.merged_model(bb, adapter), [9, 8, 7], SamplingParams(max_new_tokens=4))[0]
+
+
+def test_many_sessions_one_error_code_each_duplicate(backbones):
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    cloud = CloudPart(bb, cfg)
+    cloud.open(1)
+    h = torch.zeros(2, bb.config.hidden_size)
+    answers = cloud.run([Handoff(1, 0, h), Handoff(1, 0, h)])
+    assert [type(a).__name__ for a in answers] == ["Error", "Activations"]
+    assert answers[0].code == "duplicate"
