@@ -47,8 +47,10 @@ class DevicePart:
                 or self.adapter.cfg.shared_a != cfg.shared_a or self.adapter.cfg.seed != cfg.seed:
             raise PrivateLoRAError("adapter config does not match the split config (rank, targets, shared_a, seed)")
 
-    def session(self, session_id: int, bytes_per_number: int = 4) -> "DeviceSession":
-        return DeviceSession(self, session_id, bytes_per_number)
+    def session(self, session_id: int, bytes_per_number: int | None = None) -> "DeviceSession":
+        """A new conversation. Bytes are counted at ``bytes_per_number`` (default: the
+        compute dtype's size; the wire codec may send fewer)."""
+        return DeviceSession(self, session_id, bytes_per_number or self.cfg.torch_dtype.itemsize)
 
     # ---- pieces shared by sessions -----------------------------------------------------
     def m_of(self, layer: int, a: tuple) -> tuple:
