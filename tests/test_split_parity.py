@@ -115,3 +115,20 @@ def test_policy_all_also_matches(backbones):
     merged = reference.merged_model(bb, adapter)
     for i, g in enumerate(gs):
         assert g.tokens == reference.generate(merged, PROMPT[: 5 + i], SamplingParams(max_new_tokens=6))[0]
+
+
+def test_stop_tokens_and_max_tokens(backbones):
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    adapter, cloud, device = _split(bb, cfg)
+    free = Generation(device.session(1), PROMPT, SamplingParams(max_new_tokens=10))
+    InProcessRunner(cloud).run([free])
+    assert len(free.tokens) == 10 and free.finish_reason == "length"
+    stop_at = free.tokens[3]
+    first = free.tokens.index(stop_at)
+    stopped = Generation(device.session(2), PROMPT, SamplingParams(max_new_tokens=10, stop_ids=(stop_at,)))
+    InProcessRunner(cloud).run([stopped])
+    assert stopped.tokens == free.tokens[: first + 1] and stopped.finish_reason == "stop"
+    none = Generation(device.session(3), PROMPT, SamplingParams(max_new_tokens=0))
+    InProcessRunner(cloud).run([none])
+    assert none.tokens == [] and cloud.sessions == {}
