@@ -35,6 +35,18 @@ class RunStats:
                 "tokens_per_s": self.tokens_generated / self.seconds if self.seconds else 0.0}
 
 
+def pick_stage(ready: list, policy: str = "trailing", key=lambda m: m) -> tuple[list, list]:
+    """Split ``ready`` into (run now, keep waiting) under ``policy``.
+
+    ``key(item)`` gives the protocol message of an item; a hand-off counts as stage -1.
+    """
+    if policy == "all" or not ready:
+        return ready, []
+    stage = [getattr(key(m), "layer", -1) for m in ready]
+    first = min(stage)
+    return [m for m, s in zip(ready, stage) if s == first], [m for m, s in zip(ready, stage) if s != first]
+
+
 class InProcessRunner:
     def __init__(self, cloud, policy: str = "trailing"):
         if policy not in ("all", "trailing"):
@@ -43,11 +55,7 @@ class InProcessRunner:
         self.policy = policy
 
     def _pick(self, ready: list) -> tuple[list, list]:
-        if self.policy == "all":
-            return ready, []
-        stage = [getattr(m, "layer", -1) for m in ready]   # a hand-off enters at stage -1
-        first = min(stage)
-        return [m for m, s in zip(ready, stage) if s == first], [m for m, s in zip(ready, stage) if s != first]
+        return pick_stage(ready, self.policy)
 
     def run(self, gens: list[Generation], start_ticks: list[int] | None = None) -> RunStats:
         start_ticks = start_ticks or [0] * len(gens)
