@@ -54,6 +54,9 @@ MAX_POSITION, MAX_REASON, MAX_OPEN_BODY = 2**31 - 1, 1024, 16384
 
 # wire dtype -> bytes per element (int8 adds one fp32 scale per row), and its numpy layout
 DTYPES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+# a frame names its dtype by a one-byte code (a string would cost 4-5 bytes a frame)
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _NP_WIRE = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2", "int8": "i1"}
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
 _CODE_RE = re.compile(r"[a-z0-9_]{1,64}")
@@ -202,16 +205,21 @@ def _check_out(ctx: _Ctx, t: Any, cols: int | None, max_rows: int, what: str) ->
 
 
 def _pack_tensor(ctx: _Ctx, x: np.ndarray, what: str) -> list:
-    """float32 [rows, cols] -> [dtype, rows, cols, data(, scales)]."""
-    rows, cols = x.shape
+    """float32 [count, rows, cols] -> one record [code, count, rows, cols, data(, scales)].
+
+    One record per frame, not one per tensor: at one decode token per frame the record
+    header is a visible share of the bytes (7B, fp16: 768 payload bytes per frame).
+    """
+    count, rows, cols = x.shape
     ctx.raw += x.size * DTYPES[ctx.dtype]
+    code = DTYPE_CODES[ctx.dtype]
     if ctx.dtype == "int8":  # symmetric per-row absmax: x ~ q * scale, |error| <= scale / 2
         if not np.isfinite(x).all():
             raise SchemaError("non_finite", f"{what} holds NaN or inf")
-        scale = (np.abs(x).max(axis=1) / np.float32(127)).astype("<f4")
+        scale = (np.abs(x).max(axis=2) / np.float32(127)).astype("<f4")      # [count, rows]
         safe = np.where(scale > 0, scale, np.float32(1))
-        q = np.rint(x / safe[:, None]).clip(-127, 127).astype("i1")
-        return ["int8", rows, cols, q.tobytes(), scale.tobytes()]
+        q = np.rint(x / safe[..., None]).clip(-127, 127).astype("i1")
+        return [code, count, rows, cols, q.tobytes(), scale.tobytes()]
     if ctx.dtype == "bf16":  # numpy has no bf16: let torch round, ship the bit pattern
         bits = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16)
         w = bits.numpy().astype("<i2")
@@ -225,42 +233,46 @@ def _pack_tensor(ctx: _Ctx, x: np.ndarray, what: str) -> list:
         finite = np.isfinite(w).all()
     if not finite:  # one check after the cast: NaN/inf stay NaN/inf, overflow becomes inf
         raise SchemaError("non_finite", f"{what} holds NaN or inf, or overflows {ctx.dtype}")
-    return [ctx.dtype, rows, cols, w.tobytes()]
+    return [code, count, rows, cols, w.tobytes()]
 
 
-def _unpack_tensor(ctx: _Ctx, v: Any, cols: int, max_rows: int, what: str,
-                   want: str | None) -> torch.Tensor:
-    """[dtype, rows, cols, data(, scales)] -> float32 [rows, cols]; ``want``: required dtype."""
-    if type(v) is not list or len(v) not in (4, 5) or type(v[0]) is not str or v[0] not in DTYPES:
-        raise SchemaError("bad_tensor", f"{what} is not [dtype, rows, cols, data(, scales)]")
-    name = v[0]
+def _unpack_tensor(ctx: _Ctx, v: Any, count: int, cols: int, max_rows: int, what: str,
+                   want: str | None) -> tuple[torch.Tensor, ...]:
+    """[code, count, rows, cols, data(, scales)] -> ``count`` float32 [rows, cols] tensors;
+    ``want``: the required dtype (None: any)."""
+    if type(v) is not list or len(v) not in (5, 6) or type(v[0]) is not int or v[0] not in CODE_DTYPES:
+        raise SchemaError("bad_tensor", f"{what} is not [dtype, count, rows, cols, data(, scales)]")
+    name = CODE_DTYPES[v[0]]
     if want is not None and name != want:
         raise GeometryError("bad_dtype", f"{what} is {name}, the session declared {want}")
-    if len(v) != (5 if name == "int8" else 4):
+    if len(v) != (6 if name == "int8" else 5):
         raise SchemaError("bad_tensor", f"{what}: int8 tensors (only) carry row scales")
-    rows, size = v[1], DTYPES[name]
-    if type(rows) is not int or not 1 <= rows <= max_rows or type(v[2]) is not int or v[2] != cols:
+    if type(v[1]) is not int or v[1] != count:
+        raise GeometryError("bad_count", f"{what} must be {count} tensors")
+    rows, size = v[2], DTYPES[name]
+    if type(rows) is not int or not 1 <= rows <= max_rows or type(v[3]) is not int or v[3] != cols:
         raise GeometryError("bad_shape", f"{what} must be [1..{max_rows}, {cols}]")
-    data = v[3]
-    if type(data) is not bytes or len(data) != rows * cols * size:
-        raise SchemaError("bad_tensor", f"{what} payload length is not {rows}x{cols} {name}")
-    w = np.frombuffer(data, dtype=_NP_WIRE[name]).reshape(rows, cols)
+    data = v[4]
+    if type(data) is not bytes or len(data) != count * rows * cols * size:
+        raise SchemaError("bad_tensor", f"{what} payload length is not {count}x{rows}x{cols} {name}")
+    w = np.frombuffer(data, dtype=_NP_WIRE[name]).reshape(count, rows, cols)
     if name == "bf16":
         x = (w.astype(np.uint32) << 16).view(np.float32)  # bf16 = the top half of an fp32
     elif name == "int8":
-        scale = np.frombuffer(v[4], dtype="<f4") if type(v[4]) is bytes else None
-        if scale is None or scale.size != rows:
-            raise SchemaError("bad_tensor", f"{what} needs {rows} fp32 scales")
+        scale = np.frombuffer(v[5], dtype="<f4") if type(v[5]) is bytes and len(v[5]) % 4 == 0 else None
+        if scale is None or scale.size != count * rows:
+            raise SchemaError("bad_tensor", f"{what} needs {count * rows} fp32 scales")
         if not np.isfinite(scale).all() or (scale < 0).any() or (w == -128).any():
             raise SchemaError("bad_tensor", f"{what}: scales finite >= 0, values in [-127, 127]")
         with np.errstate(over="ignore"):  # overflow to inf is refused just below
-            x = w.astype(np.float32) * scale.astype(np.float32)[:, None]
+            x = w.astype(np.float32) * scale.astype(np.float32).reshape(count, rows, 1)
     else:
         x = w.astype(np.float32)  # a copy: writable, native order, detached from the frame
     if not np.isfinite(x).all():
         raise SchemaError("non_finite", f"{what} holds NaN or inf")
-    ctx.raw += rows * cols * size
-    return torch.from_numpy(x)
+    ctx.raw += count * rows * cols * size
+    t = torch.from_numpy(x)
+    return tuple(t[i] for i in range(count))
 
 
 def _pack_group(ctx, ts, count, cols, max_rows, what) -> list:
@@ -269,19 +281,13 @@ def _pack_group(ctx, ts, count, cols, max_rows, what) -> list:
             or (count is not None and len(ts) != count):
         raise err("bad_count", f"{what} must be {count or '1-16'} tensors")
     ts = [_check_out(ctx, t, cols, max_rows, f"{what}[{i}]") for i, t in enumerate(ts)]
-    if len({t.shape[0] for t in ts}) != 1:
-        raise err("bad_shape", f"{what} tensors must share one token count")
-    return [_pack_tensor(ctx, t, f"{what}[{i}]") for i, t in enumerate(ts)]
+    if len({t.shape for t in ts}) != 1:
+        raise err("bad_shape", f"{what} tensors must share one shape")
+    return _pack_tensor(ctx, np.stack(ts), what)
 
 
 def _unpack_group(ctx, v, count, cols, max_rows, what, want) -> tuple[torch.Tensor, ...]:
-    if type(v) is not list or len(v) != count:
-        raise GeometryError("bad_count", f"{what} must be {count} tensors")
-    ts = tuple(_unpack_tensor(ctx, x, cols, max_rows, f"{what}[{i}]", want)
-               for i, x in enumerate(v))
-    if len({t.shape[0] for t in ts}) != 1:
-        raise GeometryError("bad_shape", f"{what} tensors must share one token count")
-    return ts
+    return _unpack_tensor(ctx, v, count, cols, max_rows, what, want)
 
 
 # ---------------------------------------------------------------- messages
@@ -384,7 +390,7 @@ class Handoff(Message):
         _int(self.start, "start", 0, MAX_POSITION)
         _bool(self.want_all, "want_all")
         h = _pack_group(ctx, (self.hidden,), 1, g.hidden if g else None,
-                        g.max_tokens if g else MAX_TOKENS, "hidden")[0]
+                        g.max_tokens if g else MAX_TOKENS, "hidden")
         return {"start": self.start, "hidden": h, "want_all": self.want_all}
 
     @classmethod
@@ -395,12 +401,12 @@ class Handoff(Message):
         want_all = _bool(body["want_all"], "want_all")
         # any wire dtype: the caller picks per hand-off (hidden states have outliers that
         # int8 per-row scales would crush, so an int8 session may still hand off in fp16)
-        h = _unpack_tensor(ctx, body["hidden"], g.hidden, g.max_tokens, "hidden", None)
+        (h,) = _unpack_tensor(ctx, body["hidden"], 1, g.hidden, g.max_tokens, "hidden", None)
         return cls(session, start, h, want_all)
 
 
 class _LayerTensors(Message):
-    """Shared logic of Activations / Reply: {layer, <field>: [n, rank] x count}."""
+    """Shared logic of Activations / Reply: {"l": layer, <field>: one record of count x [n, rank]}."""
 
     FIELD: ClassVar[str]
     _count: ClassVar[Callable[[Geometry], int]]  # tensors per frame for a geometry
@@ -419,13 +425,13 @@ class _LayerTensors(Message):
         _int(self.layer, "layer", 0, 65535)
         ts = _pack_group(ctx, getattr(self, self.FIELD), self._count(g) if g else None,
                          g.rank if g else None, g.max_tokens if g else MAX_TOKENS, self.FIELD)
-        return {"layer": self.layer, self.FIELD: ts}
+        return {"l": self.layer, self.FIELD: ts}
 
     @classmethod
     def _decode_body(cls, session, body, ctx):
         _keys(body, cls.FIELDS, cls.NAME)
         g = ctx.need_geometry()
-        layer = body["layer"]
+        layer = body["l"]
         if type(layer) is not int or layer not in g.layers:
             raise GeometryError("bad_layer", "layer is not one of the session's layers")
         ts = _unpack_group(ctx, body[cls.FIELD], cls._count(g), g.rank, g.max_tokens,
@@ -439,7 +445,7 @@ class Activations(_LayerTensors):
     """Cloud -> device: a = A h for one layer; 1 tensor if shared_a else one per target."""
 
     KIND, NAME, DIRECTIONS, FIELD = 4, "activations", frozenset({DOWN}), "a"
-    FIELDS, TENSOR_FIELDS = frozenset({"layer", "a"}), ("a",)
+    FIELDS, TENSOR_FIELDS = frozenset({"l", "a"}), ("a",)
     session: int
     layer: int
     a: tuple[torch.Tensor, ...]
@@ -452,7 +458,7 @@ class Reply(_LayerTensors):
     """Device -> cloud: m = M a for one layer, one [n, rank] tensor per target."""
 
     KIND, NAME, DIRECTIONS, FIELD = 5, "reply", frozenset({UP}), "m"
-    FIELDS, TENSOR_FIELDS = frozenset({"layer", "m"}), ("m",)
+    FIELDS, TENSOR_FIELDS = frozenset({"l", "m"}), ("m",)
     session: int
     layer: int
     m: tuple[torch.Tensor, ...]
@@ -703,9 +709,8 @@ def frame_info(buf: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> FrameInfo:
     body = _body(view, hdr.flags, max_frame)
     raw = 0
     for name in cls.TENSOR_FIELDS:
-        v = body.get(name) if type(body) is dict else None
-        for t in (v if type(v) is list and v and type(v[0]) is list else [v]):
-            if type(t) is list and len(t) >= 4 and type(t[0]) is str and t[0] in DTYPES \
-                    and type(t[1]) is int and type(t[2]) is int:
-                raw += t[1] * t[2] * DTYPES[t[0]]
+        t = body.get(name) if type(body) is dict else None
+        if type(t) is list and len(t) >= 5 and type(t[0]) is int and t[0] in CODE_DTYPES \
+                and all(type(x) is int for x in t[1:4]):
+            raw += t[1] * t[2] * t[3] * DTYPES[CODE_DTYPES[t[0]]]
     return FrameInfo(cls.NAME, raw, len(view), bool(hdr.flags & FLAG_LZ4))

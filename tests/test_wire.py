@@ -43,11 +43,13 @@ def forge(kind, body, *, session=7, key=KEY, flags=None, version=wire.VERSION, r
     return wire.PREFIX.pack(len(signed) + wire.TAG_LEN) + signed + tag
 
 
-def tensor_list(dtype, rows, cols, data=None, scales=None):
+def tensor_list(dtype, rows, cols, data=None, scales=None, count=1):
+    """A tensor record as the wire carries it: [code, count, rows, cols, data(, scales)]."""
     size = wire.DTYPES[dtype]
-    t = [dtype, rows, cols, data if data is not None else bytes(rows * cols * size)]
+    t = [wire.DTYPE_CODES[dtype], count, rows, cols,
+         data if data is not None else bytes(count * rows * cols * size)]
     if dtype == "int8":
-        t.append(scales if scales is not None else bytes(4 * rows))
+        t.append(scales if scales is not None else bytes(4 * rows * count))
     return t
 
 
@@ -217,7 +219,7 @@ def test_down_encode_checks_geometry_but_is_not_privacy():
 
 
 # ---------------------------------------------------------------- strict decoder
-GOOD_REPLY = {"layer": 2, "m": [tensor_list("fp32", 1, 4)] * 3}
+GOOD_REPLY = {"l": 2, "m": tensor_list("fp32", 1, 4, count=3)}
 
 
 @pytest.mark.parametrize("frame,exc,code", [
@@ -225,32 +227,31 @@ GOOD_REPLY = {"layer": 2, "m": [tensor_list("fp32", 1, 4)] * 3}
     (forge(5, GOOD_REPLY, reserved=1), FrameError, "bad_header"),
     (forge(5, GOOD_REPLY, flags=0x80), FrameError, "bad_header"),
     (forge(99, GOOD_REPLY), FrameError, "unknown_kind"),
-    (forge(4, {"layer": 2, "a": [tensor_list("fp32", 1, 4)] * 3}), FrameError, "bad_direction"),
+    (forge(4, {"l": 2, "a": tensor_list("fp32", 1, 4, count=3)}), FrameError, "bad_direction"),
     (forge(5, GOOD_REPLY, direction="down"), FrameError, "bad_direction"),
     (forge(5, GOOD_REPLY, session=0), FrameError, "bad_session"),
     (forge(5, GOOD_REPLY, key=OTHER_KEY), AuthError, "bad_mac"),
     (forge(5, GOOD_REPLY, raw_body=b"\xc1"), FrameError, "malformed"),
     (forge(5, GOOD_REPLY, raw_body=msgpack.packb(GOOD_REPLY) + b"\x00"), FrameError, "malformed"),
-    (forge(5, GOOD_REPLY, raw_body=b"\x82\xa5layer\x02\xa5layer\x02"), FrameError, "malformed"),
+    (forge(5, GOOD_REPLY, raw_body=b"\x82\xa1l\x02\xa1l\x02"), FrameError, "malformed"),
     (forge(5, GOOD_REPLY, flags=wire.FLAG_LZ4, raw_body=b"\x00\x00\x10\x00garbage"),
      FrameError, "bad_compression"),
     (forge(5, GOOD_REPLY, flags=wire.FLAG_LZ4, raw_body=b"\xff\xff\xff\xff" + bytes(8)),
      FrameError, "too_large"),
     (forge(5, {**GOOD_REPLY, "extra": 1}), SchemaError, "bad_fields"),
-    (forge(5, {"layer": 2}), SchemaError, "bad_fields"),
+    (forge(5, {"l": 2}), SchemaError, "bad_fields"),
     (forge(5, [2, GOOD_REPLY["m"]]), SchemaError, "bad_fields"),
-    (forge(5, {**GOOD_REPLY, "layer": True}), GeometryError, "bad_layer"),
-    (forge(5, {**GOOD_REPLY, "layer": 1}), GeometryError, "bad_layer"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp32", 1, 4)] * 2}), GeometryError, "bad_count"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp32", 9, 4)] * 3}), GeometryError, "bad_shape"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp32", 1, 5)] * 3}), GeometryError, "bad_shape"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp16", 1, 4)] * 3}), GeometryError, "bad_dtype"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp32", 1, 4), tensor_list("fp32", 2, 4),
-                                   tensor_list("fp32", 1, 4)]}), GeometryError, "bad_shape"),
-    (forge(5, {**GOOD_REPLY, "m": [["fp32", 1, 4, bytes(15)]] * 3}), SchemaError, "bad_tensor"),
-    (forge(5, {**GOOD_REPLY, "m": [["fp64", 1, 4, bytes(32)]] * 3}), SchemaError, "bad_tensor"),
-    (forge(5, {**GOOD_REPLY, "m": [["fp32", 1, 4, "text"]] * 3}), SchemaError, "bad_tensor"),
-    (forge(5, {**GOOD_REPLY, "m": [tensor_list("fp32", 1, 4, struct.pack("<4f", 1, 2, 3, float("nan")))] * 3}),
+    (forge(5, {**GOOD_REPLY, "l": True}), GeometryError, "bad_layer"),
+    (forge(5, {**GOOD_REPLY, "l": 1}), GeometryError, "bad_layer"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp32", 1, 4, count=2)}), GeometryError, "bad_count"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp32", 9, 4, count=3)}), GeometryError, "bad_shape"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp32", 1, 5, count=3)}), GeometryError, "bad_shape"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp16", 1, 4, count=3)}), GeometryError, "bad_dtype"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp32", 1, 4, bytes(4 * 4 * 4), count=3)}), SchemaError, "bad_tensor"),
+    (forge(5, {**GOOD_REPLY, "m": [0, 3, 1, 4, bytes(15)]}), SchemaError, "bad_tensor"),
+    (forge(5, {**GOOD_REPLY, "m": [9, 3, 1, 4, bytes(96)]}), SchemaError, "bad_tensor"),
+    (forge(5, {**GOOD_REPLY, "m": [0, 3, 1, 4, "text"]}), SchemaError, "bad_tensor"),
+    (forge(5, {**GOOD_REPLY, "m": tensor_list("fp32", 1, 4, struct.pack("<4f", 1, 2, 3, float("nan")) * 3, count=3)}),
      SchemaError, "non_finite"),
     (forge(3, {"start": 0, "hidden": tensor_list("fp16", 1, 32, b"\x00\x7c" * 32), "want_all": True}),
      SchemaError, "non_finite"),
@@ -260,7 +261,7 @@ GOOD_REPLY = {"layer": 2, "m": [tensor_list("fp32", 1, 4)] * 3}
                "want_all": True}), SchemaError, "bad_tensor"),
     (forge(3, {"start": 0, "hidden": tensor_list("int8", 1, 32, b"\x80" * 32), "want_all": True}),
      SchemaError, "bad_tensor"),
-    (forge(3, {"start": 0, "hidden": tensor_list("int8", 1, 32)[:4], "want_all": True}),
+    (forge(3, {"start": 0, "hidden": tensor_list("int8", 1, 32)[:5], "want_all": True}),
      SchemaError, "bad_tensor"),
     (forge(7, {"code": "Bad Code", "reason": ""}), SchemaError, "bad_field"),
     (forge(6, {"why": 1}), SchemaError, "bad_fields"),
