@@ -19,8 +19,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class UsageError(Exception):
-    pass
+from .config import UsageError  # noqa: E402  (re-exported for the command modules)
 
 
 def _positive(v: str) -> int:
@@ -194,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate, printer=print_generate)
 
+
     a = sub.add_parser("adapter", help="create or inspect private adapter files")
     asub = a.add_subparsers(dest="adapter_command", metavar="ACTION", parser_class=_Parser)
     ai = asub.add_parser("init", help="write a new adapter (M = 0, or seeded random M for tests and demos)")
@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     af.add_argument("file")
     af.add_argument("--json", action="store_true")
     af.set_defaults(func=cmd_adapter_info)
+
+    from .endpoint_cli import add_commands
+    add_commands(sub, _add_split_args, _positive)
+    from .bench import add_commands as add_bench
+    add_bench(sub)
 
     d = sub.add_parser("demo", help="multi-user demo on the embedded tiny model",
                        description="Several users with different private adapters and prompts share one "
@@ -234,6 +239,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if res is None:
+        return 0
     if args.json:
         print(json.dumps(res))
     elif getattr(args, "printer", None):

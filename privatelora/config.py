@@ -26,6 +26,10 @@ class ConfigError(PrivateLoRAError, ValueError):
     pass
 
 
+class UsageError(PrivateLoRAError):
+    """A command-line argument that cannot be honoured."""
+
+
 @dataclass(frozen=True)
 class PrivateLoRAConfig:
     rank: int = 16

@@ -88,6 +88,9 @@ def get_profile(name: str | LinkProfile) -> LinkProfile:
         raise ValueError(f"unknown link profile {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+_SPIN_S = 0.0015   # the last stretch before an arrival is waited by yielding, not by a timer
+
+
 class PipeModel:
     """One direction of the link as a pure function of time (no I/O)."""
 
@@ -135,9 +138,14 @@ class Pipe:
                 continue
             arrival, frame = self._queue[0]
             delay = arrival - self._loop.time()
+            if delay > _SPIN_S:
+                # the event loop's timers wake up to ~1 ms late (epoll waits in whole ms):
+                # sleep until just before the arrival, then yield until it is due
+                await asyncio.sleep(delay - _SPIN_S)
+                continue
             if delay > 0:
-                await asyncio.sleep(delay)
-                continue  # re-check: the timer may fire a little early
+                await asyncio.sleep(0)   # other tasks run meanwhile; at most _SPIN_S of this
+                continue
             self._queue.popleft()
             try:
                 self._deliver(frame)

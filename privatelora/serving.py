@@ -137,8 +137,12 @@ class CloudEndpoint:
 
 
 async def run_remote(client: Client, part, prompt, params: SamplingParams | None = None, *,
-                     dtype: str = "fp32", keep_logits: bool = False, timeout: float = 60.0) -> Generation:
-    """Generate for one user over ``client``; returns the finished ``Generation``."""
+                     dtype: str = "fp32", keep_logits: bool = False, timeout: float = 60.0,
+                     observe=None) -> Generation:
+    """Generate for one user over ``client``; returns the finished ``Generation``.
+
+    ``observe(msg)``, if given, sees every message the cloud sent (benchmarks use it to
+    tell prefill from decode traffic)."""
     params = params or SamplingParams()
     geometry = session_geometry(part.cloud_layer_ids, part.model_config.hidden_size, part.cfg, dtype)
     sess = await client.open(geometry)
@@ -151,7 +155,10 @@ async def run_remote(client: Client, part, prompt, params: SamplingParams | None
                 await sess.send(msg, dtype=HANDOFF_DTYPE[dtype])
             else:
                 await sess.send(msg)
-            msg = gen.on(await sess.recv(timeout))
+            ans = await sess.recv(timeout)
+            if observe is not None:
+                observe(ans)
+            msg = gen.on(ans)
     finally:
         if not client.closed:
             await sess.close()

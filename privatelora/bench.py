@@ -1,0 +1,255 @@
+"""``privatelora bench``: measured comparisons, one JSON object each.
+
+``bench comm`` decodes real tokens through the real encoder over a real loopback socket
+on a 2-layer model of a named geometry (random weights from a fixed seed) and reports the
+wire bytes per generated token per adapted layer, framing included, next to the naive
+split of DESIGN.md section 5. Bytes per layer do not depend on depth, so two layers
+suffice for the 7B geometry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+GEOMETRIES = {
+    # hidden, heads, kv heads, MLP, vocab: Llama-2-7B proportions
+    "7b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+               vocab_size=32000),
+    # DESIGN.md section 6: 7B proportions, CPU-sized
+    "bench": dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816,
+                  vocab_size=8192),
+    "tiny": None,   # the shipped tiny model's own config
+}
+NAIVE_DTYPE = "fp16"   # the paper's and DESIGN.md's baseline: a naive split in fp16
+
+
+def geometry_model(name: str, layers: int = 2, seed: int = 0):
+    """A random-weight Llama of geometry ``name`` with ``layers`` decoder layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import load_backbone
+    from .config import PrivateLoRAError
+    if name not in GEOMETRIES:
+        raise PrivateLoRAError(f"unknown geometry {name!r}; choose one of {sorted(GEOMETRIES)}")
+    if GEOMETRIES[name] is None:
+        tiny = load_backbone("tiny").model.config.to_dict()
+        dims = {k: tiny[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                     "intermediate_size", "vocab_size")}
+    else:
+        dims = GEOMETRIES[name]
+    cfg = LlamaConfig(**dims, num_hidden_layers=layers, max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = LlamaForCausalLM(cfg)
+    return load_backbone(model)
+
+
+def comm(geometry: str = "7b", rank: int = 128, shared_a: bool = False, dtype: str = "fp16",
+         prompt_tokens: int = 8, new_tokens: int = 16, seed: int = 0, quiet: bool = False,
+         backbone=None) -> dict:
+    import torch
+
+    from . import wire
+    from .accounting import naive_numbers_per_token_per_layer, privatelora_numbers_per_token_per_layer
+    from .api import build_split
+    from .config import PrivateLoRAConfig
+    from .generation import SamplingParams
+    from .serving import CloudEndpoint, run_remote
+    from .transport import Client
+
+    if new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2 (decode steps are measured after the first token)")
+    _one_thread()
+    t0 = time.perf_counter()
+    bb = backbone or geometry_model(geometry, seed=seed)
+    if not quiet:
+        print(f"[bench comm] built {geometry} geometry (2 layers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    cfg = PrivateLoRAConfig(rank=rank, shared_a=shared_a)
+    split = build_split(cfg=cfg, backbone=bb)
+    split.adapter.randomize_(seed + 1, scale=0.5)     # a user with non-zero M: replies are not all zeros
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, bb.config.vocab_size, (prompt_tokens,), generator=g).tolist()
+    snap = {}
+
+    async def main():
+        async with CloudEndpoint(split.cloud) as ep:
+            client = await Client.connect(*ep.address)
+
+            def observe(msg):   # after the prefill's hand-off comes back, only decode traffic remains
+                if isinstance(msg, wire.Handoff) and "prefill" not in snap:
+                    snap["prefill"] = client.stats.as_dict()
+            gen = await run_remote(client, split.device, prompt,
+                                   SamplingParams(max_new_tokens=new_tokens, temperature=0.0),
+                                   dtype=dtype, observe=observe)
+            end = client.stats.as_dict()
+            await client.close()
+            return gen, end
+
+    gen, end = asyncio.run(main())
+    if len(gen.tokens) != new_tokens:
+        raise RuntimeError(f"generation stopped after {len(gen.tokens)} tokens")
+
+    def delta(direction, kind, field):
+        a = end.get(direction, {}).get(kind, {}).get(field, 0)
+        b = snap["prefill"].get(direction, {}).get(kind, {}).get(field, 0)
+        return a - b
+
+    layers = len(split.cloud.layer_ids)
+    steps = new_tokens - 1       # decode steps that went through the cloud
+    per = steps * layers
+    assert delta("down", "activations", "frames") == per and delta("up", "reply", "frames") == per
+    down = delta("down", "activations", "wire") / per
+    up = delta("up", "reply", "wire") / per
+    raw_down = delta("down", "activations", "raw") / per
+    raw_up = delta("up", "reply", "raw") / per
+    naive_numbers = naive_numbers_per_token_per_layer(bb.config, cfg.targets)
+    naive = naive_numbers * wire.DTYPES[NAIVE_DTYPE]
+    ours = privatelora_numbers_per_token_per_layer(rank, cfg.targets, shared_a)
+    return {
+        "geometry": geometry, "hidden": bb.config.hidden_size, "adapted_layers": layers, "rank": rank,
+        "shared_a": shared_a, "dtype": dtype, "prompt_tokens": prompt_tokens, "decode_tokens": steps,
+        "bytes_per_token_per_layer": down + up,
+        "to_device_bytes_per_token_per_layer": down, "to_cloud_bytes_per_token_per_layer": up,
+        "raw_bytes_per_token_per_layer": raw_down + raw_up,
+        "framing_bytes_per_token_per_layer": down + up - raw_down - raw_up,
+        "numbers_per_token_per_layer": ours["total"],
+        "naive_numbers_per_token_per_layer": naive_numbers,
+        "naive_bytes_per_token_per_layer": naive, "naive_dtype": NAIVE_DTYPE,
+        "reduction": 1 - (down + up) / naive,
+        "reduction_vs_naive_same_dtype": 1 - (down + up) / (naive_numbers * wire.DTYPES[dtype]),
+        "handoff_bytes_per_token": {"to_cloud": delta("up", "handoff", "wire") / steps,
+                                    "to_device": delta("down", "handoff", "wire") / steps},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _one_thread():
+    """Cloud and device share this process in a benchmark: two OpenMP pools of two threads
+    on two cores spin against each other and slow every op ~100x; one thread each avoids it."""
+    import torch
+    torch.set_num_threads(1)
+
+
+def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = "fp16", prompt_tokens: int = 8,
+         new_tokens: int = 24, seed: int = 0, quiet: bool = False, backbone=None) -> dict:
+    """Single-user decode rate over an emulated link vs what the link model predicts.
+
+    Prediction = the same decode measured on loopback (all compute and codec work) + the
+    link model's time for one decode step's frames (hand-off up, per layer activations
+    down and reply up, hand-off down), each sent when the previous one has arrived.
+    """
+    import torch
+
+    from . import wire
+    from .api import build_split
+    from .config import PrivateLoRAConfig
+    from .generation import SamplingParams
+    from .link import get_profile, predict_time
+    from .serving import CloudEndpoint, run_remote
+    from .transport import Client
+
+    _one_thread()
+    profile = get_profile(link)
+    bb = backbone or geometry_model(geometry, seed=seed)
+    split = build_split(cfg=PrivateLoRAConfig(rank=rank), backbone=bb)
+    split.adapter.randomize_(seed + 1, scale=0.5)
+    prompt = torch.randint(0, bb.config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    async def decode(ep, name):
+        client = await Client.connect(*ep.address, link=name, seed=seed)
+        await run_remote(client, split.device, prompt[:2], SamplingParams(max_new_tokens=2), dtype=dtype)  # warm up
+        mark = {}
+
+        def observe(msg):
+            if isinstance(msg, wire.Handoff) and "t" not in mark:
+                mark["t"], mark["stats"] = time.perf_counter(), client.stats.as_dict()
+        await run_remote(client, split.device, prompt, params, dtype=dtype, observe=observe)
+        dt = time.perf_counter() - mark["t"]
+        end = client.stats.as_dict()
+        await client.close()
+        return dt / (new_tokens - 1), mark["stats"], end
+
+    async def main():
+        async with CloudEndpoint(split.cloud) as ep:
+            loop_s, _, _ = await decode(ep, "loopback")
+            link_s, before, end = await decode(ep, profile.name if profile.name in ("lan", "wifi", "5g", "4g") else link)
+            return loop_s, link_s, before, end
+
+    loop_s, link_s, before, end = asyncio.run(main())
+
+    def mean_frame(direction, kind):
+        f = end[direction][kind]["frames"] - before[direction][kind]["frames"]
+        return (end[direction][kind]["wire"] - before[direction][kind]["wire"]) / f
+
+    layers = len(split.cloud.layer_ids)
+    step = [("up", mean_frame("up", "handoff"))]
+    step += [("down", mean_frame("down", "activations")), ("up", mean_frame("up", "reply"))] * layers
+    step += [("down", mean_frame("down", "handoff"))]
+    link_only = predict_time(profile, step)
+    predicted = loop_s + link_only
+    return {"geometry": geometry, "link": profile.name, "adapted_layers": layers, "rank": rank, "dtype": dtype,
+            "round_trips_per_token": layers + 1,
+            "loopback_s_per_token": loop_s, "link_model_s_per_token": link_only,
+            "predicted_tokens_per_s": 1 / predicted, "measured_tokens_per_s": 1 / link_s,
+            "measured_over_predicted_time": link_s / predicted}
+
+
+def print_link(r):
+    print(f"{r['geometry']} geometry ({r['adapted_layers']} cloud layers), link {r['link']}, {r['dtype']}:")
+    print(f"  predicted {r['predicted_tokens_per_s']:.2f} tok/s (loopback {1000 * r['loopback_s_per_token']:.1f} ms "
+          f"+ link {1000 * r['link_model_s_per_token']:.1f} ms per token)")
+    print(f"  measured  {r['measured_tokens_per_s']:.2f} tok/s ({100 * (r['measured_over_predicted_time'] - 1):+.1f}% time)")
+
+
+def print_comm(r):
+    print(f"{r['geometry']} geometry, rank {r['rank']}{', shared A' if r['shared_a'] else ''}, {r['dtype']} on the wire:")
+    print(f"  PrivateLoRA: {r['bytes_per_token_per_layer']:.0f} B per token per layer "
+          f"({r['to_device_bytes_per_token_per_layer']:.0f} down + {r['to_cloud_bytes_per_token_per_layer']:.0f} up, "
+          f"{r['framing_bytes_per_token_per_layer']:.0f} of it framing)")
+    print(f"  naive split: {r['naive_bytes_per_token_per_layer']} B ({r['naive_dtype']}, no framing counted)")
+    print(f"  reduction:   {100 * r['reduction']:.2f}%")
+
+
+def add_commands(sub):
+    b = sub.add_parser("bench", help="measured benchmarks (JSON with --json)")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
+    c = bsub.add_parser("comm", help="wire bytes per token per layer vs a naive split, over a real socket")
+    c.add_argument("--geometry", choices=sorted(GEOMETRIES), default="7b")
+    c.add_argument("--rank", type=int, default=128)
+    c.add_argument("--shared-a", action="store_true")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp16", help="wire dtype")
+    c.add_argument("--prompt-tokens", type=int, default=8)
+    c.add_argument("--new-tokens", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+
+    ln = bsub.add_parser("link", help="single-user decode rate over an emulated link vs the link model's prediction")
+    ln.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    ln.add_argument("--link", default="5g", help="loopback, lan, wifi, 5g, 4g")
+    ln.add_argument("--rank", type=int, default=16)
+    ln.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
+    ln.add_argument("--new-tokens", type=int, default=24)
+    ln.add_argument("--json", action="store_true")
+
+    def run_link(args):
+        from .config import UsageError
+        try:
+            return link(args.geometry, args.link, args.rank, args.dtype, new_tokens=args.new_tokens, quiet=args.json)
+        except ValueError as e:
+            raise UsageError(str(e))
+    ln.set_defaults(func=run_link, printer=print_link)
+
+    def run_comm(args):
+        from .config import UsageError
+        if args.rank < 1 or args.prompt_tokens < 1:
+            raise UsageError("--rank and --prompt-tokens must be positive")
+        try:
+            return comm(args.geometry, args.rank, args.shared_a, args.dtype, args.prompt_tokens, args.new_tokens,
+                        args.seed, quiet=args.json)
+        except ValueError as e:
+            raise UsageError(str(e))
+    c.set_defaults(func=run_comm, printer=print_comm)

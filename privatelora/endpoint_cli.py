@@ -1,0 +1,166 @@
+"""The ``cloud`` and ``edge`` commands: one cloud endpoint process, one device process.
+
+``privatelora cloud`` serves a backbone's cloud part over TCP in this one process (no
+Ray); ``privatelora edge`` is a device outside any cluster that talks to it (or to a Ray
+``serve``) with the same wire protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+
+
+def _cfg(args):
+    from .cli import _split_config
+    return _split_config(args)
+
+
+def _tls_server_kw(args) -> dict:
+    kw = {}
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            from .config import UsageError
+            raise UsageError("--tls-cert and --tls-key go together")
+        kw.update(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    return kw
+
+
+def cmd_cloud(args) -> dict:
+    from .api import build_split
+    from .serving import CloudEndpoint
+    from .transport import TLSRequiredError
+    from .config import UsageError
+
+    split = build_split(args.model, _cfg(args))
+    try:
+        ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
+                           policy=args.policy, **_tls_server_kw(args))
+    except TLSRequiredError as e:
+        raise UsageError(str(e))
+
+    async def main():
+        await ep.start()
+        host, port = ep.address
+        ready = {"event": "listening", "host": host, "port": port, "model": split.backbone.name,
+                 "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids,
+                 "tls": ep.server.ssl_context is not None}
+        if args.json:
+            print(json.dumps(ready), flush=True)
+        else:
+            print(f"[cloud] {split.backbone.name}: layers {split.cloud.layer_ids[0]}-{split.cloud.layer_ids[-1]}, "
+                  f"rank {split.cfg.rank}, listening on {host}:{port}{' (TLS)' if ready['tls'] else ''}",
+                  file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await ep.stop()
+        return {"event": "stopped", "stages": split.cloud.stats.stages,
+                "mean_batch_size": split.cloud.stats.mean_batch_sessions,
+                "refusals": dict(ep.server.refusals), "bytes": ep.server.stats.as_dict()}
+
+    return asyncio.run(main())
+
+
+def parse_address(s: str) -> tuple[str, int]:
+    from .config import UsageError
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--connect must be HOST:PORT, got {s!r}")
+    return host.strip("[]"), int(port)
+
+
+def cmd_edge(args) -> dict:
+    from .api import build_split
+    from .cli import _decode, _prompt_ids
+    from .config import UsageError
+    from .generation import SamplingParams
+    from .link import get_profile
+    from .serving import run_remote
+    from .transport import Client, RemoteError, TLSRequiredError
+
+    host, port = parse_address(args.connect)
+    if args.prompt is None and args.prompt_ids is None:
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS")
+    try:
+        link = get_profile(args.link)
+    except ValueError as e:
+        raise UsageError(str(e))
+    split = build_split(args.model, _cfg(args), args.adapter)
+    bb = split.backbone
+    ids = _prompt_ids(bb, args)
+    stop = (bb.tokenizer.eos_token_id,) if bb.tokenizer is not None and bb.tokenizer.eos_token_id is not None else ()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_ids=stop)
+
+    async def main():
+        try:
+            client = await Client.connect(host, port, ca=args.tls_ca, link=link, timeout=args.timeout,
+                                          server_hostname=args.tls_server_name)
+        except TLSRequiredError as e:
+            raise UsageError(str(e))
+        except OSError as e:
+            raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+        try:
+            t0 = time.perf_counter()
+            gen = await run_remote(client, split.device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)
+            dt = time.perf_counter() - t0
+        except RemoteError as e:
+            raise UsageError(f"the cloud refused the session: {e}")
+        except (ConnectionError, asyncio.TimeoutError) as e:
+            raise UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
+        finally:
+            await client.close()
+        if gen.error is not None:
+            raise UsageError(f"the cloud answered {gen.error.code}: {gen.error.reason}")
+        return gen, dt, client.stats.as_dict()
+
+    gen, dt, stats = asyncio.run(main())
+    return {"tokens": gen.tokens, "text": _decode(bb, gen.tokens), "finish_reason": gen.finish_reason,
+            "prompt_tokens": len(ids), "seconds": dt, "tokens_per_s": len(gen.tokens) / dt if dt else 0.0,
+            "link": args.link, "wire_dtype": args.wire_dtype, "wire": stats,
+            "bytes": {"to_cloud": stats["up"]["total"]["wire"], "to_device": stats["down"]["total"]["wire"]}
+            if "up" in stats else stats}
+
+
+def add_commands(sub, add_split_args, positive):
+    c = sub.add_parser("cloud", help="serve a backbone's cloud part over TCP in this process (no Ray)",
+                       description="Single-process cloud endpoint: loads the backbone, keeps per-session KV "
+                       "caches, batches every session's stages. Stops cleanly on Ctrl-C / SIGTERM. Off loopback "
+                       "it requires TLS (--tls-cert/--tls-key).")
+    add_split_args(c, with_adapter=False)
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=positive, default=7431, help="TCP port (0: any free port)")
+    c.add_argument("--max-sessions", type=positive, default=256)
+    c.add_argument("--policy", choices=["trailing", "all"], default="trailing")
+    c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
+    c.add_argument("--tls-key", help="PEM private key of this endpoint")
+    c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    c.add_argument("--json", action="store_true", help="JSON lines: one when listening, one when stopped")
+    c.set_defaults(func=cmd_cloud)
+
+    e = sub.add_parser("edge", help="a device outside Ray: generate through a running cloud endpoint",
+                       description="Runs the device part here (tokens, embedding, LM head, your adapter) and "
+                       "the decoder layers on the cloud at --connect; only low-rank activations cross.")
+    add_split_args(e)
+    e.add_argument("--connect", required=True, help="HOST:PORT of a cloud endpoint")
+    e.add_argument("--prompt")
+    e.add_argument("--prompt-ids")
+    e.add_argument("--no-bos", action="store_true")
+    e.add_argument("--max-new-tokens", type=positive, default=32)
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--wire-dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="dtype of activations on the wire (hand-offs use fp16 for int8)")
+    e.add_argument("--link", default="loopback", help="emulate a link: loopback, lan, wifi, 5g, 4g")
+    e.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) to trust; required off loopback")
+    e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
+    e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_edge)
