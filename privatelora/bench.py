@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 GEOMETRIES = {
     # hidden, heads, kv heads, MLP, vocab: Llama-2-7B proportions
@@ -198,6 +199,70 @@ def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = 
             "measured_over_predicted_time": link_s / predicted}
 
 
+SAMPLE_TEXT = Path(__file__).parent / "zoo" / "samples" / "heldout.txt"
+
+
+def fidelity(model: str = "tiny", dtype: str = "int8", positions: int = 256, rank: int = 16,
+             shared_a: bool = False, free_tokens: int = 64, seed: int = 0, text_file=None) -> dict:
+    """How much a lossy wire dtype changes the model's output, over a real socket.
+
+    Teacher forcing: the same ``positions`` tokens of held-out text go through an fp32
+    session and a ``dtype`` session; the next-token argmax is compared at every position.
+    Free running: greedy decoding from the same prefix on both; reports where (if) they
+    first diverge. The user has a non-zero M (with M = 0 the replies are exactly zero and
+    the activations' quantization could not show).
+    """
+    from .api import build_split
+    from .config import PrivateLoRAConfig
+    from .generation import SamplingParams
+    from .models import load_backbone
+    from .serving import HANDOFF_DTYPE, CloudEndpoint, run_remote
+    from .transport import Client
+
+    _one_thread()
+    bb = load_backbone(model)
+    split = build_split(cfg=PrivateLoRAConfig(rank=rank, shared_a=shared_a), backbone=bb)
+    split.adapter.randomize_(seed + 1, scale=0.5)
+    text = Path(text_file or SAMPLE_TEXT).read_text(encoding="utf-8")
+    ids = bb.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < positions:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {positions} positions")
+    ids = ids[:positions]
+
+    async def main():
+        async with CloudEndpoint(split.cloud) as ep:
+            client = await Client.connect(*ep.address)
+            out = {}
+            for dt in ("fp32", dtype):
+                g = await run_remote(client, split.device, ids, SamplingParams(max_new_tokens=1), dtype=dt,
+                                     keep_logits=True)
+                free = await run_remote(client, split.device, ids[:16], SamplingParams(max_new_tokens=free_tokens),
+                                        dtype=dt)
+                out[dt] = (g.logits[0], free.tokens)
+            await client.close()
+            return out
+    out = asyncio.run(main())
+    ref, got = out["fp32"][0], out[dtype][0]
+    err = (ref - got).abs()
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    a, b = out["fp32"][1], out[dtype][1]
+    diverge = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return {"model": bb.name, "dtype": dtype, "handoff_dtype": HANDOFF_DTYPE[dtype], "rank": rank,
+            "shared_a": shared_a, "positions": positions, "argmax_agreement": agree,
+            "mean_abs_logit_error": err.mean().item(), "max_abs_logit_error": err.max().item(),
+            "logit_scale": ref.abs().mean().item(),
+            "free_running_tokens": free_tokens, "first_divergence": diverge}
+
+
+def print_fidelity(r):
+    print(f"{r['model']}: {r['dtype']} activations ({r['handoff_dtype']} hand-offs) vs fp32, {r['positions']} positions")
+    print(f"  next-token argmax agreement {100 * r['argmax_agreement']:.2f}%; logit error mean "
+          f"{r['mean_abs_logit_error']:.4f}, max {r['max_abs_logit_error']:.4f} (mean |logit| {r['logit_scale']:.2f})")
+    d = r["first_divergence"]
+    print(f"  free-running greedy ({r['free_running_tokens']} tokens): "
+          + ("identical" if d is None else f"first differs at token {d}"))
+
+
 def print_link(r):
     print(f"{r['geometry']} geometry ({r['adapted_layers']} cloud layers), link {r['link']}, {r['dtype']}:")
     print(f"  predicted {r['predicted_tokens_per_s']:.2f} tok/s (loopback {1000 * r['loopback_s_per_token']:.1f} ms "
@@ -242,6 +307,23 @@ def add_commands(sub):
         except ValueError as e:
             raise UsageError(str(e))
     ln.set_defaults(func=run_link, printer=print_link)
+
+    fi = bsub.add_parser("fidelity", help="argmax agreement and logit error of a lossy wire dtype vs fp32")
+    fi.add_argument("--model", default="tiny")
+    fi.add_argument("--dtype", choices=["fp16", "bf16", "int8"], default="int8")
+    fi.add_argument("--positions", type=int, default=256)
+    fi.add_argument("--rank", type=int, default=16)
+    fi.add_argument("--shared-a", action="store_true")
+    fi.add_argument("--text", help="text file to teacher-force (default: a held-out passage shipped with the package)")
+    fi.add_argument("--json", action="store_true")
+
+    def run_fidelity(args):
+        from .config import UsageError
+        try:
+            return fidelity(args.model, args.dtype, args.positions, args.rank, args.shared_a, text_file=args.text)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e))
+    fi.set_defaults(func=run_fidelity, printer=print_fidelity)
 
     def run_comm(args):
         from .config import UsageError

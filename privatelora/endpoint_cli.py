@@ -128,6 +128,14 @@ def cmd_edge(args) -> dict:
             if "up" in stats else stats}
 
 
+def print_edge(res):
+    print(res["text"] if res["text"] is not None else " ".join(map(str, res["tokens"])))
+    b = res["bytes"]
+    print(f"[edge] {len(res['tokens'])} tokens in {res['seconds']:.2f}s ({res['tokens_per_s']:.1f} tok/s) over "
+          f"{res['link']}, {res['wire_dtype']} activations; wire bytes to cloud {b['to_cloud']}, "
+          f"to device {b['to_device']}", file=sys.stderr)
+
+
 def add_commands(sub, add_split_args, positive):
     c = sub.add_parser("cloud", help="serve a backbone's cloud part over TCP in this process (no Ray)",
                        description="Single-process cloud endpoint: loads the backbone, keeps per-session KV "
@@ -142,7 +150,9 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
     c.add_argument("--json", action="store_true", help="JSON lines: one when listening, one when stopped")
-    c.set_defaults(func=cmd_cloud)
+    c.set_defaults(func=cmd_cloud, printer=lambda r: print(
+        f"[cloud] stopped after {r['stages']} stages (mean batch {r['mean_batch_size']:.2f} sessions); "
+        f"refused frames: {r['refusals'] or 'none'}", file=sys.stderr))
 
     e = sub.add_parser("edge", help="a device outside Ray: generate through a running cloud endpoint",
                        description="Runs the device part here (tokens, embedding, LM head, your adapter) and "
@@ -163,4 +173,4 @@ def add_commands(sub, add_split_args, positive):
     e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
     e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
     e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_edge)
+    e.set_defaults(func=cmd_edge, printer=print_edge)
