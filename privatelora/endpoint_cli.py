@@ -38,7 +38,7 @@ def cmd_cloud(args) -> dict:
     split = build_split(args.model, _cfg(args))
     try:
         ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
-                           policy=args.policy, **_tls_server_kw(args))
+                           idle_timeout_s=args.idle_timeout, **_tls_server_kw(args))
     except TLSRequiredError as e:
         raise UsageError(str(e))
 
@@ -60,9 +60,7 @@ def cmd_cloud(args) -> dict:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await ep.stop()
-        return {"event": "stopped", "stages": split.cloud.stats.stages,
-                "mean_batch_size": split.cloud.stats.mean_batch_sessions,
-                "refusals": dict(ep.server.refusals), "bytes": ep.server.stats.as_dict()}
+        return {"event": "stopped", **ep.stats()}
 
     return asyncio.run(main())
 
@@ -145,7 +143,8 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=positive, default=7431, help="TCP port (0: any free port)")
     c.add_argument("--max-sessions", type=positive, default=256)
-    c.add_argument("--policy", choices=["trailing", "all"], default="trailing")
+    c.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds of silence after which a session is closed and its KV cache freed")
     c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")

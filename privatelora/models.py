@@ -87,6 +87,8 @@ def load_backbone(spec, dtype: torch.dtype = torch.float32) -> Backbone:
         model = _prepare(spec.to(dtype))
         return Backbone(model, None, fingerprint(model), type(spec).__name__)
     spec = str(spec)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # stderr stays one line per error for the CLI
     if spec == "tiny" or spec.startswith("tiny-"):
         from .zoo import load_tiny
         model, tok = load_tiny(spec)

@@ -1,10 +1,10 @@
 """The protocol over TCP: a cloud endpoint and a remote device driver (no Ray).
 
 ``CloudEndpoint`` puts a ``CloudPart`` behind a ``transport.Server``. Messages from all
-connections land in one ready list; a single loop takes a batch (the trailing stage
-first, as the in-process runner does), runs it in one worker thread so the event loop
-keeps reading sockets meanwhile, and sends each answer to the connection that owns the
-session. While no reply is in, it precomputes the frozen ``W h`` of the sessions it waits
+connections go to one ``Scheduler`` (admission, stage grouping, fairness, token budget,
+idle reclaim); a single loop takes its next batch, runs it in one worker thread so the
+event loop keeps reading sockets meanwhile, and sends each answer to the connection that
+owns the session. While no reply is in, it precomputes the frozen ``W h`` of the sessions it waits
 on (DESIGN.md 2.9). All cloud state is touched from that one worker thread only.
 
 ``run_remote(client, part, prompt, params)`` drives one device session over a
@@ -14,11 +14,14 @@ on (DESIGN.md 2.9). All cloud state is touched from that one worker thread only.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from . import wire
 from .generation import Generation, SamplingParams
-from .runner import pick_stage
+from .scheduler import Busy, Scheduler, UnknownSession
+from .training import CloudTrainer, wire_dtype
 from .transport import Client, Server
 
 # hidden states carry outliers that int8 row scales would crush: hand them off in fp16
@@ -31,22 +34,38 @@ def session_geometry(layer_ids, hidden: int, cfg, dtype: str = "fp32", max_token
 
 
 class CloudEndpoint:
-    def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, policy: str = "trailing",
-                 max_sessions: int = 256, overlap: bool = True, **server_kw):
+    """A ``CloudPart`` behind a TCP server, scheduled by ``Scheduler``.
+
+    ``max_sessions`` sessions hold KV caches at once; further sessions' first hand-offs
+    wait (``max_waiting``), and beyond that get ``Error("busy")``. A session silent for
+    ``idle_timeout_s`` is closed and its cache freed; so is every session of a connection
+    that drops. A peer whose frame is refused gets an ``Error`` and is disconnected
+    (``disconnect_on_refusal``); a request the cloud refuses (out of order, bad position)
+    gets an ``Error`` and closes that session only.
+    """
+
+    def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 256,
+                 max_waiting: int | None = None, token_budget: int = 4096, max_wait_s: float = 0.05,
+                 idle_timeout_s: float = 120.0, overlap: bool = True, disconnect_on_refusal: bool = True,
+                 training: bool = True, **server_kw):
         self.cloud = cloud
-        self.policy = policy
-        self.max_sessions = max_sessions
+        self.scheduler = Scheduler(max_running=max_sessions,
+                                   max_waiting=max_sessions if max_waiting is None else max_waiting,
+                                   token_budget=token_budget, max_wait_s=max_wait_s, idle_timeout_s=idle_timeout_s)
         self.overlap = overlap
-        self.server = Server(self._handle, host, port, **server_kw)
-        self._ready: list = []                       # protocol messages waiting for a stage
-        self._dtype: dict[int, str] = {}             # session -> wire dtype it declared
+        self.server = Server(self._handle, host, port, disconnect_on_refusal=disconnect_on_refusal, **server_kw)
+        self._dtype: dict[int, str] = {}             # open session -> wire dtype it declared
         self._closing: set[int] = set()
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="privatelora-cloud")
         self._task: asyncio.Task | None = None
         self._need_prepare = False
         self.busy_s = 0.0                            # time the backbone spent computing
-        self.answers = 0
+        self.errors: Counter = Counter()             # Error answers by code
+        self.closed_sessions = 0
+        # split training (privatelora.training): its messages bypass the serving scheduler
+        self.trainer = CloudTrainer(cloud) if training else None
+        self._train_tasks: set[asyncio.Task] = set()
 
     @property
     def address(self):
@@ -58,6 +77,8 @@ class CloudEndpoint:
         return self
 
     async def stop(self) -> None:
+        for t in list(self._train_tasks):
+            t.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -70,11 +91,22 @@ class CloudEndpoint:
     async def __aexit__(self, *exc):
         await self.stop()
 
+    def stats(self) -> dict:
+        sch = self.scheduler
+        return {"sessions": len(self._dtype), "running": sch.running, "waiting": sch.waiting,
+                "stages": self.cloud.stats.stages, "stage_tokens": self.cloud.stats.tokens,
+                "mean_batch_size": self.cloud.stats.mean_batch_sessions, "busy_s": self.busy_s,
+                "kv_bytes": self.cloud.kv_bytes(), "refusals": dict(self.server.refusals),
+                "disconnects": dict(self.server.disconnects), "errors": dict(self.errors),
+                "fairness_picks": sch.stats.fairness_picks, "reclaimed": sch.stats.reclaimed,
+                "closed_sessions": self.closed_sessions, "bytes": self.server.stats.as_dict()}
+
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ---- messages from the transport (runs on the connection's read loop) -------------
     async def _handle(self, conn, msg) -> None:
+        now = time.monotonic()
         if isinstance(msg, wire.Open):
             g = msg.geometry
             want = session_geometry(self.cloud.layer_ids, self.cloud.hidden, self.cloud.cfg, g.dtype, g.max_tokens)
@@ -82,29 +114,59 @@ class CloudEndpoint:
                 raise wire.WireError("geometry_mismatch", f"this backbone serves {want}, session declared {g}")
             if g.max_tokens > self.cloud.max_tokens_per_request:
                 raise wire.WireError("geometry_mismatch", f"max_tokens above {self.cloud.max_tokens_per_request}")
-            if len(self._dtype) >= self.max_sessions:
-                raise wire.WireError("busy", f"the backbone serves {self.max_sessions} sessions; try again later")
             await self._in_worker(self.cloud.open, msg.session)
+            self.scheduler.open(msg.session, now)
             self._dtype[msg.session] = g.dtype
         elif isinstance(msg, wire.Close):
             if msg.session in self._dtype:
                 self._closing.add(msg.session)
                 self._wake.set()
+        elif self.trainer is not None and self.trainer.accepts(msg):
+            self.scheduler.touch(msg.session, now)
+            task = asyncio.get_running_loop().create_task(self._train(msg))
+            self._train_tasks.add(task)
+            task.add_done_callback(self._train_tasks.discard)
         elif isinstance(msg, (wire.Handoff, wire.Reply)):
-            self._ready.append(msg)
+            stage = msg.layer if isinstance(msg, wire.Reply) else -1
+            tokens = msg.hidden.shape[0] if isinstance(msg, wire.Handoff) else msg.m[0].shape[0]
+            try:
+                self.scheduler.submit(msg.session, stage, tokens, msg, now)
+            except Busy as e:
+                await self._refuse(msg.session, "busy", str(e))
+                return
+            except UnknownSession:
+                return
             self._wake.set()
 
+    async def _refuse(self, sid: int, code: str, reason: str) -> None:
+        """Answer ``Error`` on the session and close it (its cache is freed)."""
+        self.errors[code] += 1
+        await self._send(wire.Error(sid, code, reason[: wire.MAX_REASON]))
+        self._closing.add(sid)
+        self._wake.set()
+
     # ---- the stage loop ------------------------------------------------------------------
+    async def _close_pending(self, now: float) -> None:
+        for sid in self.scheduler.idle(now):
+            self.errors["idle_timeout"] += 1
+            self._closing.add(sid)
+        if self._closing:
+            gone, self._closing = self._closing, set()
+            for sid in gone:
+                if self._dtype.pop(sid, None) is not None:
+                    self.scheduler.close(sid)
+                    await self._in_worker(self.cloud.close, sid)
+                    if self.trainer is not None:
+                        await self._in_worker(self.trainer.close, sid)
+                    self.closed_sessions += 1
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        idle_check = min(1.0, self.scheduler.idle_timeout_s / 4)
         while True:
-            if self._closing:
-                gone, self._closing = self._closing, set()
-                self._ready = [m for m in self._ready if m.session not in gone]
-                for sid in gone:
-                    self._dtype.pop(sid, None)
-                    await self._in_worker(self.cloud.close, sid)
-            if not self._ready:
+            await self._close_pending(time.monotonic())
+            batch = self.scheduler.next_batch(time.monotonic())
+            if not batch:
                 if self.overlap and self._need_prepare:
                     self._need_prepare = False
                     t0 = loop.time()
@@ -112,15 +174,38 @@ class CloudEndpoint:
                     self.busy_s += loop.time() - t0
                     continue
                 self._wake.clear()
-                await self._wake.wait()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
+                # cancellation that stop() sends, leaving this loop (and stop) hanging
+                try:
+                    async with asyncio.timeout(idle_check):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
                 continue
-            batch, self._ready = pick_stage(self._ready, self.policy)
             t0 = loop.time()
             answers = await self._in_worker(self.cloud.run, batch)
             self.busy_s += loop.time() - t0
             self._need_prepare = True
             for ans in answers:
-                await self._send(ans)
+                if isinstance(ans, wire.Error):
+                    await self._refuse(ans.session, ans.code, ans.reason)
+                else:
+                    await self._send(ans)
+
+    async def _train(self, msg) -> None:
+        """One training message of one session (its device sends the next one only after
+        this answer), computed on the same worker thread as the serving stages."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ans = await self._in_worker(self.trainer.handle, msg)
+        self.busy_s += loop.time() - t0
+        if isinstance(ans, wire.Error):
+            await self._refuse(ans.session, ans.code, ans.reason)
+        elif ans.session in self._dtype:
+            try:
+                await self.server.send(ans, dtype=wire_dtype(ans, self._dtype[ans.session]))
+            except Exception:      # the device went away: its connection's Close frees the session
+                pass
 
     async def _send(self, ans) -> None:
         dtype = self._dtype.get(ans.session)
@@ -131,8 +216,7 @@ class CloudEndpoint:
                 await self.server.send(ans, dtype=HANDOFF_DTYPE[dtype])
             else:
                 await self.server.send(ans)
-            self.answers += 1
-        except Exception:          # the device went away: its Close frees the session
+        except Exception:          # the device went away: its connection's Close frees the session
             pass
 
 

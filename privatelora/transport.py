@@ -267,7 +267,8 @@ class Server:
     def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
                  cert: str | None = None, key: str | None = None, ca: str | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME, compress: str = "auto"):
+                 max_frame: int = wire.DEFAULT_MAX_FRAME, compress: str = "auto",
+                 disconnect_on_refusal: bool = False):
         if ssl_context is None and cert:
             ssl_context = server_ssl_context(cert, key, ca)
         if ssl_context is None and not is_loopback(host):
@@ -277,6 +278,8 @@ class Server:
                 "ssl_context=; for local tests see privatelora.transport.make_self_signed.")
         self.handler, self.host, self.port = handler, host, port
         self.ssl_context, self.max_frame, self.compress = ssl_context, max_frame, compress
+        # serving sets this: a peer that breaks the protocol once gets its Error, then is cut off
+        self.disconnect_on_refusal = disconnect_on_refusal
         self.refusals: Counter[str] = Counter()  # refused frames, by code
         self.disconnects: Counter[str] = Counter()  # connections closed for cause, by code
         self.handler_errors: Counter[str] = Counter()  # handler exceptions, by type name
@@ -340,6 +343,9 @@ class Server:
                 in_a_row = 0 if ok else in_a_row + 1
                 if fatal or in_a_row >= MAX_REFUSALS_IN_A_ROW:
                     self.disconnects[fatal or "garbage"] += 1
+                    break
+                if not ok and self.disconnect_on_refusal:
+                    self.disconnects["refused"] += 1
                     break
                 if writer.transport.get_write_buffer_size() > MAX_PENDING_WRITE:
                     self.disconnects["slow_reader"] += 1

@@ -1,0 +1,183 @@
+"""Layer-wise continuous batching decisions, in plain Python (no torch, no Ray, no IO).
+
+The cloud's work arrives as items: a session's hand-off (stage -1, entering the first
+cloud layer) or its reply for layer l (stage l). ``next_batch`` picks what the backbone
+runs next:
+
+- **grouping by stage**: one batch holds items of one stage, so every linear layer runs
+  once on the flat token batch;
+- **trailing first**: the group at the earliest stage runs first, so sessions that joined
+  out of phase catch up with the ones ahead and share their stages from then on;
+- **fairness**: an item that has waited longer than ``max_wait_s`` wins, so no session
+  starves behind a stream of others;
+- **token budget**: a batch holds at most ``token_budget`` tokens (an item bigger than
+  the budget runs alone), so one long prefill cannot stall every decode for long.
+
+Admission: at most ``max_running`` sessions hold KV caches; a new session's first
+hand-off waits in a bounded queue (``max_waiting``) until one closes, and beyond that
+the answer is a clear ``Busy``. Sessions silent for ``idle_timeout_s`` (a device that went
+away without closing) are reported by ``idle`` so their caches can be reclaimed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class Busy(Exception):
+    """The backbone is full: the session cannot be admitted now."""
+
+
+class UnknownSession(Exception):
+    pass
+
+
+@dataclass
+class Item:
+    session: int
+    stage: int          # -1: hand-off entering the cloud; l: reply for layer l
+    tokens: int
+    arrived: float
+    payload: object = None
+    seq: int = 0
+
+
+@dataclass
+class _Session:
+    last_seen: float
+    running: bool = False            # holds a KV cache on the backbone
+    queued: Item | None = None       # first hand-off waiting for admission
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0
+    items: int = 0
+    tokens: int = 0
+    fairness_picks: int = 0          # batches chosen because an item waited too long
+    busy: int = 0                    # sessions refused: running and waiting both full
+    reclaimed: int = 0               # sessions dropped for silence
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+@dataclass
+class Scheduler:
+    max_running: int = 256
+    max_waiting: int = 256
+    token_budget: int = 4096
+    max_wait_s: float = 0.05
+    idle_timeout_s: float = 120.0
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+
+    def __post_init__(self):
+        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
+            raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
+        self._sessions: dict[int, _Session] = {}
+        self._ready: list[Item] = []
+        self._admission: deque[int] = deque()
+        self._seq = itertools.count()
+
+    # ---- sessions -----------------------------------------------------------------------
+    def open(self, session: int, now: float) -> None:
+        if session in self._sessions:
+            raise ValueError(f"session {session} is already open")
+        self._sessions[session] = _Session(last_seen=now)
+
+    def close(self, session: int) -> list[int]:
+        """Forget ``session``; returns the sessions admitted into the freed slot."""
+        s = self._sessions.pop(session, None)
+        if s is None:
+            return []
+        self._ready = [i for i in self._ready if i.session != session]
+        if session in self._admission:
+            self._admission.remove(session)
+        return self._admit_waiting() if s.running else []
+
+    def is_open(self, session: int) -> bool:
+        return session in self._sessions
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._admission)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    def idle(self, now: float) -> list[int]:
+        """Sessions silent for longer than the idle timeout (reclaim them with ``close``)."""
+        out = [sid for sid, s in self._sessions.items() if now - s.last_seen > self.idle_timeout_s]
+        self.stats.reclaimed += len(out)
+        return out
+
+    # ---- work ---------------------------------------------------------------------------
+    def submit(self, session: int, stage: int, tokens: int, payload, now: float) -> None:
+        """A ready item. Raises ``Busy`` when a new session finds running and waiting full."""
+        s = self._sessions.get(session)
+        if s is None:
+            raise UnknownSession(f"session {session} is not open")
+        s.last_seen = now
+        item = Item(session, stage, tokens, now, payload, next(self._seq))
+        if s.running:
+            self._ready.append(item)
+        elif self.running < self.max_running and not self._admission:
+            s.running = True
+            self._ready.append(item)
+        elif len(self._admission) < self.max_waiting and s.queued is None:
+            s.queued = item
+            self._admission.append(session)
+        else:
+            self.stats.busy += 1
+            raise Busy(f"{self.running} sessions running and {len(self._admission)} waiting: try again later")
+
+    def touch(self, session: int, now: float) -> None:
+        s = self._sessions.get(session)
+        if s is not None:
+            s.last_seen = now
+
+    def pending(self) -> int:
+        return len(self._ready)
+
+    def next_batch(self, now: float) -> list:
+        """The payloads to run now (one stage), or [] if nothing is ready."""
+        if not self._ready:
+            return []
+        oldest = min(self._ready, key=lambda i: i.seq)
+        if now - oldest.arrived > self.max_wait_s:
+            stage = oldest.stage
+            self.stats.fairness_picks += 1
+        else:
+            stage = min(i.stage for i in self._ready)
+        group = sorted((i for i in self._ready if i.stage == stage), key=lambda i: i.seq)
+        batch, tokens = [], 0
+        for item in group:
+            if batch and tokens + item.tokens > self.token_budget:
+                break
+            batch.append(item)
+            tokens += item.tokens
+        taken = {id(i) for i in batch}
+        self._ready = [i for i in self._ready if id(i) not in taken]
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.tokens += tokens
+        return [i.payload for i in batch]
+
+    def _admit_waiting(self) -> list[int]:
+        admitted = []
+        while self._admission and self.running < self.max_running:
+            sid = self._admission.popleft()
+            s = self._sessions[sid]
+            s.running = True
+            item, s.queued = s.queued, None
+            self._ready.append(item)
+            admitted.append(sid)
+        return admitted

@@ -1,0 +1,103 @@
+"""The scheduler is plain Python: tested without torch, Ray or sockets."""
+
+import subprocess
+import sys
+
+import pytest
+
+from privatelora.scheduler import Busy, Scheduler, UnknownSession
+
+
+def test_scheduler_imports_neither_torch_nor_ray():
+    code = "import sys, privatelora.scheduler; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_groups_by_stage_trailing_first():
+    s = Scheduler()
+    for sid in range(5):
+        s.open(sid, 0.0)
+    s.submit(0, 3, 1, "a3", 0.0)
+    s.submit(1, 1, 1, "b1", 0.0)
+    s.submit(2, 1, 1, "c1", 0.0)
+    s.submit(3, -1, 7, "d-entry", 0.0)
+    s.submit(4, 3, 1, "e3", 0.0)
+    assert s.next_batch(0.0) == ["d-entry"]
+    assert s.next_batch(0.0) == ["b1", "c1"]
+    assert s.next_batch(0.0) == ["a3", "e3"]
+    assert s.next_batch(0.0) == []
+    assert s.stats.mean_batch_size == 5 / 3
+
+
+def test_out_of_phase_sessions_converge():
+    """Simulate sessions cycling through 4 layers; they end up sharing every stage."""
+    s = Scheduler()
+    layers = 4
+    stage = {sid: (sid * 2) % layers for sid in range(6)}   # all out of phase
+    for sid in stage:
+        s.open(sid, 0.0)
+        s.submit(sid, stage[sid], 1, sid, 0.0)
+    sizes = []
+    for _ in range(60):
+        batch = s.next_batch(0.0)
+        sizes.append(len(batch))
+        for sid in batch:
+            stage[sid] = (stage[sid] + 1) % layers
+            s.submit(sid, stage[sid], 1, sid, 0.0)
+    assert sizes[-10:] == [6] * 10
+
+
+def test_fairness_old_items_win():
+    s = Scheduler(max_wait_s=0.01)
+    s.open(1, 0.0)
+    s.open(2, 0.0)
+    s.submit(1, 5, 1, "late-stage", 0.0)
+    s.submit(2, 0, 1, "early", 0.001)
+    assert s.next_batch(0.002) == ["early"]          # trailing first while nobody waits long
+    s.submit(2, 0, 1, "early-again", 0.003)
+    assert s.next_batch(0.05) == ["late-stage"]      # waited 50 ms > 10 ms: it goes first
+    assert s.stats.fairness_picks == 1
+
+
+def test_token_budget_splits_a_group_but_never_starves_a_big_item():
+    s = Scheduler(token_budget=10)
+    for sid in range(4):
+        s.open(sid, 0.0)
+    s.submit(0, -1, 6, "p6", 0.0)
+    s.submit(1, -1, 6, "q6", 0.0)
+    s.submit(2, -1, 30, "huge", 0.0)
+    s.submit(3, -1, 1, "t1", 0.0)
+    assert s.next_batch(0.0) == ["p6"]
+    assert s.next_batch(0.0) == ["q6"]
+    assert s.next_batch(0.0) == ["huge"]       # bigger than the budget: runs alone
+    assert s.next_batch(0.0) == ["t1"]
+
+
+def test_admission_queue_and_busy():
+    s = Scheduler(max_running=2, max_waiting=1)
+    for sid in range(4):
+        s.open(sid, 0.0)
+    s.submit(0, -1, 3, "s0", 0.0)
+    s.submit(1, -1, 3, "s1", 0.0)
+    s.submit(2, -1, 3, "s2", 0.0)            # waits for a slot
+    with pytest.raises(Busy):
+        s.submit(3, -1, 3, "s3", 0.0)
+    assert s.running == 2 and s.waiting == 1 and s.stats.busy == 1
+    assert s.next_batch(0.0) == ["s0", "s1"]
+    assert s.close(0) == [2]                  # a slot frees: the waiting session runs
+    assert s.next_batch(0.0) == ["s2"]
+    assert s.close(3) == []                   # a session that never ran frees nothing
+    with pytest.raises(UnknownSession):
+        s.submit(3, -1, 1, "x", 0.0)
+
+
+def test_idle_sessions_are_reported_and_closing_drops_their_work():
+    s = Scheduler(idle_timeout_s=5.0)
+    s.open(1, 0.0)
+    s.open(2, 0.0)
+    s.submit(1, -1, 2, "a", 0.0)
+    s.submit(2, -1, 2, "b", 4.0)
+    assert s.idle(6.0) == [1]
+    s.close(1)
+    assert s.next_batch(6.0) == ["b"]
+    assert s.open_sessions == 1 and s.stats.reclaimed == 1
