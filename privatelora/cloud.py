@@ -59,6 +59,7 @@ class CloudPart:
         model = backbone.model
         self.model_config = model.config
         self.cfg = cfg
+        self.device = model.device       # incoming activations are moved here (GPU when there is one)
         self.layer_ids = list(cfg.cloud_layers(backbone.n_layers))
         self.layers = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in self.layer_ids}
         self.next_layer = dict(zip(self.layer_ids, self.layer_ids[1:]))
@@ -99,7 +100,7 @@ class CloudPart:
             s = self.sessions[req.session]
             if isinstance(req, Handoff):
                 n = req.hidden.shape[0]
-                s.pending = _Pending(self.layer_ids[0], req.start, req.hidden.to(self._dtype), req.want_all)
+                s.pending = _Pending(self.layer_ids[0], req.start, req.hidden.to(self.device, self._dtype), req.want_all)
                 s.next_pos = req.start + n
                 emit.append(req.session)
             else:
@@ -188,7 +189,7 @@ class CloudPart:
             else:
                 qkv[t] = lw.base(t, h)
         for i, t in enumerate(self.cfg.targets):
-            m = torch.cat([mt[i] for _, mt in items]).to(self._dtype)
+            m = torch.cat([mt[i] for _, mt in items]).to(self.device, self._dtype)
             qkv[t] = qkv[t] + m @ self.proj.B[(layer, t)].T
         caches = [s.caches.setdefault(layer, KVCache()) for s in sess]
         cos, sin = rope_tables(self.rotary, segs, x)

@@ -11,7 +11,15 @@ runs next:
 - **fairness**: an item that has waited longer than ``max_wait_s`` wins, so no session
   starves behind a stream of others;
 - **token budget**: a batch holds at most ``token_budget`` tokens (an item bigger than
-  the budget runs alone), so one long prefill cannot stall every decode for long.
+  the budget runs alone), so one long prefill cannot stall every decode for long;
+- **bounded gathering**: the cloud knows which sessions owe it an item at each stage (it
+  sent them the activations, ``expect``). A group still missing members may wait for
+  them at most ``gather_s`` after its first item arrived, and only while no complete group
+  is ready to run instead. Replies of one stage arrive microseconds to milliseconds apart;
+  without this, a group split by arrival jitter stays split for the rest of the run. No
+  device can hold the backbone longer than ``gather_s`` per stage. (Excusing a device that
+  missed a window was tried: a session one step behind then never rejoins its cohort, and
+  the batches fragment for good.)
 
 Admission: at most ``max_running`` sessions hold KV caches; a new session's first
 hand-off waits in a bounded queue (``max_waiting``) until one closes, and beyond that
@@ -59,6 +67,8 @@ class SchedulerStats:
     fairness_picks: int = 0          # batches chosen because an item waited too long
     busy: int = 0                    # sessions refused: running and waiting both full
     reclaimed: int = 0               # sessions dropped for silence
+    gather_waits: int = 0            # times a group held back for owed members
+    sizes: dict = field(default_factory=dict)   # batch size -> count
 
     @property
     def mean_batch_size(self) -> float:
@@ -72,6 +82,7 @@ class Scheduler:
     token_budget: int = 4096
     max_wait_s: float = 0.05
     idle_timeout_s: float = 120.0
+    gather_s: float = 0.0
     stats: SchedulerStats = field(default_factory=SchedulerStats)
 
     def __post_init__(self):
@@ -81,6 +92,8 @@ class Scheduler:
         self._ready: list[Item] = []
         self._admission: deque[int] = deque()
         self._seq = itertools.count()
+        self._owed: dict[int, int] = {}      # session -> stage it owes the cloud an item for
+        self.wake_at: float | None = None    # when next_batch returned [] while gathering
 
     # ---- sessions -----------------------------------------------------------------------
     def open(self, session: int, now: float) -> None:
@@ -94,6 +107,7 @@ class Scheduler:
         if s is None:
             return []
         self._ready = [i for i in self._ready if i.session != session]
+        self._owed.pop(session, None)
         if session in self._admission:
             self._admission.remove(session)
         return self._admit_waiting() if s.running else []
@@ -126,6 +140,7 @@ class Scheduler:
         if s is None:
             raise UnknownSession(f"session {session} is not open")
         s.last_seen = now
+        self._owed.pop(session, None)
         item = Item(session, stage, tokens, now, payload, next(self._seq))
         if s.running:
             self._ready.append(item)
@@ -139,6 +154,11 @@ class Scheduler:
             self.stats.busy += 1
             raise Busy(f"{self.running} sessions running and {len(self._admission)} waiting: try again later")
 
+    def expect(self, session: int, stage: int) -> None:
+        """The cloud sent ``session`` what it needs to produce its item for ``stage``."""
+        if session in self._sessions:
+            self._owed[session] = stage
+
     def touch(self, session: int, now: float) -> None:
         s = self._sessions.get(session)
         if s is not None:
@@ -149,6 +169,7 @@ class Scheduler:
 
     def next_batch(self, now: float) -> list:
         """The payloads to run now (one stage), or [] if nothing is ready."""
+        self.wake_at = None
         if not self._ready:
             return []
         oldest = min(self._ready, key=lambda i: i.seq)
@@ -156,7 +177,9 @@ class Scheduler:
             stage = oldest.stage
             self.stats.fairness_picks += 1
         else:
-            stage = min(i.stage for i in self._ready)
+            stage = self._gathered_stage(now)
+            if stage is None:
+                return []
         group = sorted((i for i in self._ready if i.stage == stage), key=lambda i: i.seq)
         batch, tokens = [], 0
         for item in group:
@@ -167,9 +190,26 @@ class Scheduler:
         taken = {id(i) for i in batch}
         self._ready = [i for i in self._ready if id(i) not in taken]
         self.stats.batches += 1
+        self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
         self.stats.items += len(batch)
         self.stats.tokens += tokens
         return [i.payload for i in batch]
+
+    def _gathered_stage(self, now: float) -> int | None:
+        """Trailing-first among the groups that are complete or have gathered long enough."""
+        stages = sorted({i.stage for i in self._ready})
+        if self.gather_s <= 0:
+            return stages[0]
+        owed = set(self._owed.values())
+        first = {}
+        for i in self._ready:
+            first[i.stage] = min(first.get(i.stage, i.arrived), i.arrived)
+        for st in stages:
+            if st not in owed or now - first[st] >= self.gather_s:
+                return st
+        self.wake_at = min(first.values()) + self.gather_s
+        self.stats.gather_waits += 1
+        return None
 
     def _admit_waiting(self) -> list[int]:
         admitted = []

@@ -46,12 +46,13 @@ class CloudEndpoint:
 
     def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 256,
                  max_waiting: int | None = None, token_budget: int = 4096, max_wait_s: float = 0.05,
-                 idle_timeout_s: float = 120.0, overlap: bool = True, disconnect_on_refusal: bool = True,
-                 training: bool = True, **server_kw):
+                 idle_timeout_s: float = 120.0, gather_s: float = 0.01, overlap: bool = True,
+                 disconnect_on_refusal: bool = True, training: bool = True, **server_kw):
         self.cloud = cloud
         self.scheduler = Scheduler(max_running=max_sessions,
                                    max_waiting=max_sessions if max_waiting is None else max_waiting,
-                                   token_budget=token_budget, max_wait_s=max_wait_s, idle_timeout_s=idle_timeout_s)
+                                   token_budget=token_budget, max_wait_s=max_wait_s, idle_timeout_s=idle_timeout_s,
+                                   gather_s=gather_s)
         self.overlap = overlap
         self.server = Server(self._handle, host, port, disconnect_on_refusal=disconnect_on_refusal, **server_kw)
         self._dtype: dict[int, str] = {}             # open session -> wire dtype it declared
@@ -95,10 +96,12 @@ class CloudEndpoint:
         sch = self.scheduler
         return {"sessions": len(self._dtype), "running": sch.running, "waiting": sch.waiting,
                 "stages": self.cloud.stats.stages, "stage_tokens": self.cloud.stats.tokens,
+                "stage_sessions": self.cloud.stats.sessions,
                 "mean_batch_size": self.cloud.stats.mean_batch_sessions, "busy_s": self.busy_s,
                 "kv_bytes": self.cloud.kv_bytes(), "refusals": dict(self.server.refusals),
                 "disconnects": dict(self.server.disconnects), "errors": dict(self.errors),
                 "fairness_picks": sch.stats.fairness_picks, "reclaimed": sch.stats.reclaimed,
+                "gather_waits": sch.stats.gather_waits, "batch_sizes": dict(sch.stats.sizes),
                 "closed_sessions": self.closed_sessions, "bytes": self.server.stats.as_dict()}
 
     async def _in_worker(self, fn, *args):
@@ -174,10 +177,12 @@ class CloudEndpoint:
                     self.busy_s += loop.time() - t0
                     continue
                 self._wake.clear()
+                wake_at = self.scheduler.wake_at     # a group is gathering its stragglers
+                delay = idle_check if wake_at is None else max(0.0, wake_at - time.monotonic())
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
                 # cancellation that stop() sends, leaving this loop (and stop) hanging
                 try:
-                    async with asyncio.timeout(idle_check):
+                    async with asyncio.timeout(delay):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
@@ -213,8 +218,11 @@ class CloudEndpoint:
             return
         try:
             if isinstance(ans, wire.Handoff):
+                self.scheduler.expect(ans.session, -1)        # the device's next token comes next
                 await self.server.send(ans, dtype=HANDOFF_DTYPE[dtype])
             else:
+                if isinstance(ans, wire.Activations):
+                    self.scheduler.expect(ans.session, ans.layer)
                 await self.server.send(ans)
         except Exception:          # the device went away: its connection's Close frees the session
             pass

@@ -280,6 +280,7 @@ class Server:
         self.ssl_context, self.max_frame, self.compress = ssl_context, max_frame, compress
         # serving sets this: a peer that breaks the protocol once gets its Error, then is cut off
         self.disconnect_on_refusal = disconnect_on_refusal
+        self.tap: Callable[[int, bytes], None] | None = None  # sees every incoming frame (audits)
         self.refusals: Counter[str] = Counter()  # refused frames, by code
         self.disconnects: Counter[str] = Counter()  # connections closed for cause, by code
         self.handler_errors: Counter[str] = Counter()  # handler exceptions, by type name
@@ -391,6 +392,8 @@ class Server:
 
     async def _on_frame(self, conn: ServerConnection, frame: bytes) -> tuple[bool, str | None]:
         """Handle one frame; return (accepted, code if the connection must close)."""
+        if self.tap is not None:   # audits: every byte the cloud receives, before any parsing
+            self.tap(conn.id, frame)
         try:
             hdr = wire.peek_header(frame, max_frame=self.max_frame)
         except wire.WireError as e:  # not our header: the stream is out of sync or not ours

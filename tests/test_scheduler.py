@@ -101,3 +101,26 @@ def test_idle_sessions_are_reported_and_closing_drops_their_work():
     s.close(1)
     assert s.next_batch(6.0) == ["b"]
     assert s.open_sessions == 1 and s.stats.reclaimed == 1
+
+
+def test_gathering_waits_for_owed_members_but_at_most_gather_s():
+    s = Scheduler(gather_s=0.002)
+    for sid in range(3):
+        s.open(sid, 0.0)
+    for sid in range(3):
+        s.expect(sid, 4)                      # the cloud sent all three their layer-4 activations
+    s.submit(0, 4, 1, "a", 0.0)
+    s.submit(1, 4, 1, "b", 0.0005)
+    assert s.next_batch(0.001) == [] and s.wake_at == 0.002   # session 2 still owes stage 4
+    s.submit(2, 4, 1, "c", 0.0015)
+    assert s.next_batch(0.0015) == ["a", "b", "c"]            # complete: runs at once
+    for sid in range(3):
+        s.expect(sid, 5)
+    s.submit(0, 5, 1, "a5", 0.010)
+    assert s.next_batch(0.011) == []
+    assert s.next_batch(0.0121) == ["a5"]                     # never waits beyond gather_s
+    s.open(3, 0.02)                                           # a fresh, punctual session
+    s.submit(2, 7, 1, "c7", 0.020)                            # nobody else owes stage 7
+    s.submit(0, 6, 1, "a6", 0.020)
+    s.expect(3, 6)
+    assert s.next_batch(0.0201) == ["c7"]   # a complete group runs while stage 6 gathers

@@ -1,0 +1,85 @@
+"""The backbone replica actor: one cloud part and its TCP endpoint.
+
+A plain class, made remote by ``actors.pool``. It loads the backbone (on the GPU when Ray
+gives it one), starts a ``CloudEndpoint`` inside the actor's own event loop and reports
+its address. Devices talk to it over TCP, not through Ray calls (DESIGN.md 2.4); Ray only
+starts, places, watches and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+class BackboneReplica:
+    def __init__(self, replica_id: int, model: str, cfg: dict, *, max_sessions: int = 256,
+                 idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
+                 cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False):
+        import torch
+
+        from privatelora.placement.checks import pin_to_cores
+        pin_to_cores(cores)
+
+        from privatelora.config import PrivateLoRAConfig
+        torch.set_num_threads(max(1, threads))
+        self.replica_id = replica_id
+        self.cfg = PrivateLoRAConfig(**cfg)
+        from privatelora.cloud import CloudPart
+        from privatelora.models import load_backbone
+        backbone = load_backbone(model, dtype=self.cfg.torch_dtype)
+        if torch.cuda.is_available():
+            backbone.model.to("cuda")
+        self.fingerprint = backbone.fingerprint
+        self.cloud = CloudPart(backbone, self.cfg)     # the replica builds no device part at all
+        self.max_sessions, self.idle_timeout_s, self.gather_s = max_sessions, idle_timeout_s, gather_s
+        self.host, self.port = host, port
+        self.endpoint = None
+        self.cert_pem = None
+        self.record_frames = record_frames
+        self.frames: list[bytes] = []     # audits only: every frame received, verbatim
+
+    async def start(self) -> dict:
+        from privatelora.serving import CloudEndpoint
+        from privatelora.transport import is_loopback, make_self_signed
+        tls = {}
+        if not is_loopback(self.host):
+            # off loopback the stream must be encrypted: a fresh self-signed certificate,
+            # whose public half the router hands to edge actors (pinned trust, no CA needed)
+            d = tempfile.mkdtemp(prefix="privatelora-tls-")
+            cert, key = make_self_signed(d, hosts=(self.host, "localhost", "127.0.0.1"))
+            tls = {"cert": cert, "key": key}
+            with open(cert) as f:
+                self.cert_pem = f.read()
+        self.endpoint = CloudEndpoint(self.cloud, self.host, self.port, max_sessions=self.max_sessions,
+                                      idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s, **tls)
+        if self.record_frames:
+            self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
+        await self.endpoint.start()
+        return self.info()
+
+    async def recorded_frames(self, clear: bool = False) -> list[bytes]:
+        out = list(self.frames)
+        if clear:
+            self.frames.clear()
+        return out
+
+    def info(self) -> dict:
+        host, port = self.endpoint.address
+        return {"replica": self.replica_id, "host": host, "port": port, "cert_pem": self.cert_pem,
+                "pid": os.getpid(), "layers": self.cloud.layer_ids, "device": str(self.cloud.device),
+                "fingerprint": self.fingerprint}
+
+    async def stats(self) -> dict:
+        return {"replica": self.replica_id, **self.endpoint.stats()}
+
+    async def private_report(self) -> dict:
+        """Walk this actor's whole state: every tensor it holds, and which are private."""
+        from privatelora.placement.checks import private_paths
+        bad, n = private_paths(self, "replica")
+        return {"tensors": n, "private": bad, "sessions": len(self.cloud.sessions)}
+
+    async def stop(self) -> None:
+        if self.endpoint is not None:
+            await self.endpoint.stop()
+            self.endpoint = None

@@ -1,0 +1,80 @@
+"""Driver-side helpers: the backbone pool, its router, and per-user edge actors.
+
+``Pool`` starts N backbone replicas, each in a placement group of its own pinned to cloud
+nodes, plus a router, and creates edge actors pinned to edge nodes. It is what ``serve``,
+``demo`` and the ``ray job submit`` example use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from privatelora.config import PrivateLoRAConfig
+from privatelora.placement import CLOUD, EDGE
+
+from .backbone import BackboneReplica
+from .edge import EdgeActor
+from .router import Router
+
+
+def replica_host() -> str:
+    """Loopback when every node is this machine (local clusters), else the node's address."""
+    ips = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+    return "127.0.0.1" if len(ips) <= 1 else ray.util.get_node_ip_address()
+
+
+class Pool:
+    def __init__(self, model: str = "tiny", cfg: PrivateLoRAConfig | None = None, replicas: int = 1, *,
+                 max_sessions: int = 256, idle_timeout_s: float = 120.0, port: int = 0, replica_cpus: float = 1,
+                 host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
+                 gather_s: float = 0.01, record_frames: bool = False):
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        self.model = model
+        self.cfg = cfg or PrivateLoRAConfig()
+        # one machine playing cloud and devices: the backbone gets the first cores, devices the rest
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        split = max(1, int(replica_cpus))
+        self.cloud_cores = list(range(split)) if pin_cores and ncpu > split else None
+        self.edge_cores = list(range(split, ncpu)) if self.cloud_cores else None
+        self.router = ray.remote(Router).options(num_cpus=0, resources={CLOUD: 0.001}).remote()
+        self.groups, self.replicas = [], []
+        for i in range(replicas):
+            pg = placement_group([{"CPU": replica_cpus, CLOUD: 1}], strategy="STRICT_PACK")
+            ray.get(pg.ready(), timeout=timeout_s)
+            self.groups.append(pg)
+            actor = ray.remote(BackboneReplica).options(
+                num_cpus=replica_cpus, resources={CLOUD: 1}, max_concurrency=64,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
+                i, model, self.cfg.to_dict(), max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+                host=host or replica_host(), port=port + i if port else 0, threads=max(1, int(replica_cpus)),
+                cores=self.cloud_cores, gather_s=gather_s, record_frames=record_frames)
+            self.replicas.append(actor)
+        self.infos = ray.get([r.start.remote() for r in self.replicas], timeout=timeout_s)
+        ray.get([self.router.register.remote(info) for info in self.infos])
+
+    def edge(self, user: int, *, adapter_path: str | None = None, adapter_seed: int | None = None,
+             adapter_scale: float = 0.3, wire_dtype: str = "fp32", **options):
+        """A new edge actor for ``user`` (pinned to an edge node)."""
+        opts = {"num_cpus": 0, "resources": {EDGE: 1}, "max_concurrency": 4, **options}
+        return ray.remote(EdgeActor).options(**opts).remote(
+            user, self.model, self.cfg.to_dict(), self.router, adapter_path=adapter_path,
+            adapter_seed=adapter_seed, adapter_scale=adapter_scale, wire_dtype=wire_dtype, cores=self.edge_cores)
+
+    def stats(self) -> list[dict]:
+        return ray.get([r.stats.remote() for r in self.replicas])
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            try:
+                ray.get(r.stop.remote(), timeout=30)
+            except Exception:   # a dead replica has nothing left to stop
+                pass
+            ray.kill(r)
+        ray.kill(self.router)
+        for pg in self.groups:
+            remove_placement_group(pg)

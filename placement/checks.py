@@ -1,0 +1,129 @@
+"""Privacy checks by placement and by inspection (no Ray needed to import).
+
+``private_paths(obj)`` walks an object's state (attributes, dicts, lists, tensors) and
+returns the paths of every tensor that is tagged private or named with the private
+prefix: run against a live cloud part it proves the cloud holds no M, token ids or logits.
+``require_edge_node()`` is what an edge actor calls first: it raises ``PlacementError``
+unless the Ray node it runs on carries the edge resource.
+"""
+
+from __future__ import annotations
+
+from . import EDGE, PlacementError
+
+
+def walk_tensors(obj, path: str = "obj", _seen=None):
+    """Yield (path, tensor) for every torch tensor reachable from ``obj``'s state."""
+    import torch
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from walk_tensors(k, f"{path}.key", seen)
+            yield from walk_tensors(v, f"{path}[{k!r}]", seen)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            yield from walk_tensors(v, f"{path}[{i}]", seen)
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in list(obj.named_parameters()) + list(obj.named_buffers()):
+            yield f"{path}.{name}", t
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("privatelora"):
+        for k, v in vars(obj).items():
+            yield from walk_tensors(v, f"{path}.{k}", seen)
+
+
+def private_paths(obj, path: str = "obj") -> tuple[list[str], int]:
+    """(paths of private tensors, number of tensors walked)."""
+    from privatelora.privacy import PRIVATE_PREFIX, is_private
+    bad, n = [], 0
+    for p, t in walk_tensors(obj, path):
+        n += 1
+        if is_private(t) or PRIVATE_PREFIX in p:
+            bad.append(p)
+    return bad, n
+
+
+def node_resources(node_id: str) -> dict:
+    import ray
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("Alive", True):
+            return dict(node.get("Resources", {}))
+    return {}
+
+
+def require_edge_node() -> str:
+    """Raise ``PlacementError`` unless this Ray worker runs on an edge node; returns the node id."""
+    import ray
+    node_id = ray.get_runtime_context().get_node_id()
+    if EDGE not in node_resources(node_id):
+        raise PlacementError(
+            f"edge actors hold a user's private weights and tokens and run only on edge nodes "
+            f"(nodes with the {EDGE!r} resource); node {node_id[:12]} has none")
+    return node_id
+
+
+def pin_to_cores(cores) -> None:
+    """Restrict this process to ``cores`` (Linux; ignored elsewhere or when None).
+
+    On one machine that plays both cloud and devices, devices must not steal the
+    backbone's CPU: on real deployments they are different machines.
+    """
+    import os
+    if cores and hasattr(os, "sched_setaffinity"):
+        avail = os.sched_getaffinity(0)
+        want = {c for c in cores if c in avail}
+        if want:
+            os.sched_setaffinity(0, want)
+
+
+ALLOWED_UP_KINDS = ("open", "handoff", "reply", "close", "error")
+
+
+def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...] = (),
+                 allowed_kinds=ALLOWED_UP_KINDS) -> list[str]:
+    """Check raw cloud-bound frames; returns a list of violations (empty: clean).
+
+    Every frame must be of an allowed kind; every tensor record in it a float activation
+    (or its int8 quantization) of ``rank`` or ``hidden`` columns; no string beyond the
+    protocol's own (geometry target names, error codes); and none of the ``forbidden``
+    byte strings (e.g. the prompt's text, M's raw bytes) may appear anywhere in the bytes.
+    """
+    import msgpack
+
+    from privatelora import wire
+    bad = []
+    for n, frame in enumerate(frames):
+        frame = bytes(frame)
+        for f in forbidden:
+            if f and f in frame:
+                bad.append(f"frame {n}: carries forbidden bytes {f[:16]!r}...")
+        try:
+            hdr = wire.peek_header(frame)
+            info = wire.frame_info(frame)
+        except wire.WireError as e:
+            bad.append(f"frame {n}: not a frame ({e.code})")
+            continue
+        if hdr.kind not in allowed_kinds:
+            bad.append(f"frame {n}: kind {hdr.kind!r} is not allowed up")
+            continue
+        body_bytes = frame[wire.PREFIX.size + wire.HEADER.size: len(frame) - wire.TAG_LEN]
+        if info.compressed:
+            import lz4.block
+            size = int.from_bytes(body_bytes[:4], "big")
+            body_bytes = lz4.block.decompress(body_bytes[4:], uncompressed_size=size)
+        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False)
+        for key, value in (body.items() if isinstance(body, dict) else []):
+            if isinstance(value, list) and len(value) >= 5 and all(isinstance(x, int) for x in value[:4]):
+                code, count, rows, cols = value[:4]
+                if code not in wire.CODE_DTYPES:
+                    bad.append(f"frame {n}: {key} has dtype code {code}")
+                if cols not in (rank, hidden):
+                    bad.append(f"frame {n}: {key} is [{rows}, {cols}], neither rank {rank} nor hidden {hidden}")
+            elif isinstance(value, str) and hdr.kind != "error":
+                bad.append(f"frame {n}: {key} carries a string")
+    return bad

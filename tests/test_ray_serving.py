@@ -1,0 +1,219 @@
+"""The Ray system: a cloud-only node with the backbone pool, an edge-only node with the
+users' edge actors, one cluster for the whole module (actors take seconds to start)."""
+
+import asyncio
+import struct
+import time
+
+import msgpack
+import pytest
+import torch
+
+import privatelora.actors  # noqa: F401  (sets Ray's auth mode before Ray is imported)
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from privatelora import reference, wire
+from privatelora.actors.pool import Pool
+from privatelora.adapters import PrivateAdapter
+from privatelora.generation import SamplingParams
+from privatelora.models import load_backbone
+from privatelora.placement import CLOUD, EDGE
+from privatelora.placement.checks import audit_frames
+from privatelora.placement.cluster import local_cluster, nodes_with
+from privatelora.config import PrivateLoRAConfig
+from privatelora.serving import session_geometry
+
+USERS = 8
+CFG = PrivateLoRAConfig(rank=16)
+PROMPTS = ["ROMEO:\nBut soft", "KING:\nNow is the winter of our", "HAMLET:\nTo be", "J",
+           "MACBETH:\nTomorrow, and tomorrow, and tomorrow, creeps in", "PORTIA:\nThe quality",
+           "LEAR:\nBlow, winds", "PROSPERO:\nOur revels now are ended. These our actors"]
+
+
+@pytest.fixture(scope="module")
+def system():
+    cluster = local_cluster(cloud_nodes=1, edge_nodes=1)
+    pool = Pool("tiny", CFG, replicas=1, idle_timeout_s=4.0, record_frames=True, pin_cores=True)
+    edges = [pool.edge(u, adapter_seed=500 + u) for u in range(USERS)]
+    ray.get([e.node_id.remote() for e in edges], timeout=300)
+    yield pool, edges
+    pool.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+def _reference(bb, user, prompt, params):
+    adapter = PrivateAdapter(CFG, bb.n_layers, bb.fingerprint).randomize_(500 + user, scale=0.3)
+    ids = bb.tokenizer.encode(prompt, add_special_tokens=False)
+    return reference.generate(reference.merged_model(bb, adapter), ids, params)[0]
+
+
+def _params(u, n):
+    return dict(max_new_tokens=n, temperature=0.8 if u % 2 else 0.0, top_p=0.95, seed=u)
+
+
+def test_eight_users_joining_at_different_times_match_the_monolithic_model(system, tiny):
+    pool, edges = system
+    futures = []
+    for u, e in enumerate(edges):
+        futures.append(e.generate.remote(PROMPTS[u], **_params(u, 24)))
+        time.sleep(0.05 * u)                      # users join at different times
+    results = ray.get(futures, timeout=300)
+    eos = tiny.tokenizer.eos_token_id
+    for u, r in enumerate(results):
+        assert r["error"] is None and r["tokens"]
+        want = _reference(tiny, u, PROMPTS[u], SamplingParams(**_params(u, 24), stop_ids=(eos,)))
+        assert r["tokens"] == want, f"user {u} ({'sampled' if u % 2 else 'greedy'}) differs"
+    assert len({tuple(r["tokens"]) for r in results}) == USERS     # different adapters, different texts
+
+
+def test_batching_in_steady_decode(system):
+    pool, edges = system
+    before = pool.stats()[0]
+    ray.get([e.generate.remote("ROMEO:\n", max_new_tokens=64) for e in edges], timeout=300)
+    after = pool.stats()[0]
+    stages = after["stages"] - before["stages"]
+    sessions = after["stage_sessions"] - before["stage_sessions"]
+    assert sessions / stages >= 4, (sessions, stages)
+
+
+def test_cloud_receives_only_low_rank_activations_and_holds_nothing_private(system, tiny):
+    pool, edges = system
+    replica = pool.replicas[0]
+    ray.get(replica.recorded_frames.remote(clear=True))
+    secret = "SECRET-prompt of user three: my bank pin is 4471"
+    r = ray.get(edges[3].generate.remote(secret, max_new_tokens=8), timeout=120)
+    assert r["tokens"]
+    frames = ray.get(replica.recorded_frames.remote(clear=True))
+    kinds = {wire.peek_header(f).kind for f in frames}
+    assert {"open", "handoff", "reply"} <= kinds <= {"open", "handoff", "reply", "close"}
+    adapter = PrivateAdapter(CFG, tiny.n_layers, tiny.fingerprint).randomize_(503, scale=0.3)
+    m_bytes = adapter.get(0, "q")[0].numpy().astype("<f4").tobytes()[:32]
+    ids = tiny.tokenizer.encode(secret, add_special_tokens=False)
+    forbidden = (secret.encode(), b"bank pin", m_bytes, struct.pack("<" + "q" * 4, *ids[:4]),
+                 msgpack.packb(ids))
+    assert audit_frames(frames, hidden=tiny.config.hidden_size, rank=CFG.rank, forbidden=forbidden) == []
+    # the audit does catch a frame that carries text
+    assert audit_frames([frames[0] + secret.encode()], hidden=tiny.config.hidden_size, rank=CFG.rank,
+                        forbidden=(secret.encode(),))
+    report = ray.get(replica.private_report.remote())
+    assert report["tensors"] > 50 and report["private"] == []
+
+
+def test_edge_actor_refuses_a_cloud_only_node(system):
+    pool, _ = system
+    cloud_node = [n for n in nodes_with(CLOUD) if n not in nodes_with(EDGE)][0]
+    bad = pool.edge(99, adapter_seed=1, resources={},
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(cloud_node, soft=False))
+    with pytest.raises(ray.exceptions.RayActorError, match="only on edge nodes"):
+        ray.get(bad.node_id.remote(), timeout=120)
+
+
+async def _raw_session(host, port, geometry):
+    """A hand-rolled client: opens a real session, then misbehaves."""
+    import secrets
+    reader, writer = await asyncio.open_connection(host, port)
+    sid, key = secrets.randbits(63), secrets.token_bytes(32)
+    writer.write(wire.encode(wire.Open(sid, key, geometry), key=key, direction="up"))
+    await writer.drain()
+    return reader, writer, sid, key
+
+
+async def _read_frame(reader):
+    prefix = await reader.readexactly(4)
+    return prefix + await reader.readexactly(int.from_bytes(prefix, "big"))
+
+
+def _forge(kind, sid, key, body):
+    import hmac
+    signed = wire.HEADER.pack(wire.VERSION, kind, 0, 0, sid) + msgpack.packb(body, use_bin_type=True)
+    return wire.PREFIX.pack(len(signed) + wire.TAG_LEN) + signed + hmac.digest(key, signed, "sha256")[:wire.TAG_LEN]
+
+
+def test_misbehaving_clients_get_an_error_and_are_cut_off_others_unaffected(system, tiny):
+    pool, edges = system
+    info = pool.infos[0]
+    geometry = session_geometry(info["layers"], tiny.config.hidden_size, CFG)
+    hidden, r = tiny.config.hidden_size, CFG.rank
+    nan_row = struct.pack("<f", float("nan")) * hidden
+
+    def attacks(sid, key):
+        return {
+            "garbage": b"\x00\x00\x00\x30" + bytes(range(48)),
+            "nan": _forge(3, sid, key, {"start": 0, "hidden": [0, 1, 1, hidden, nan_row], "want_all": False}),
+            "wrong_shape": _forge(3, sid, key, {"start": 0, "hidden": [0, 1, 1, hidden + 1, bytes(4 * (hidden + 1))],
+                                                "want_all": False}),
+            "unknown_session": _forge(5, sid + 1, key, {"l": 0, "m": [0, 3, 1, r, bytes(12 * r)]}),
+            "bad_mac": _forge(3, sid, bytes(32), {"start": 0, "hidden": [0, 1, 1, hidden, bytes(4 * hidden)],
+                                                  "want_all": False}),
+        }
+
+    async def attack(name):
+        reader, writer, sid, key = await _raw_session(info["host"], info["port"], geometry)
+        opened = await _read_frame(reader)
+        assert wire.peek_header(opened).kind == "opened"
+        writer.write(attacks(sid, key)[name])
+        await writer.drain()
+        answer = await asyncio.wait_for(_read_frame(reader), 10)
+        assert wire.peek_header(answer).kind == "error", name
+        assert await asyncio.wait_for(reader.read(), 10) == b"", f"{name}: not disconnected"
+        writer.close()
+
+    async def all_attacks():
+        for name in ("garbage", "nan", "wrong_shape", "unknown_session", "bad_mac"):
+            await attack(name)
+
+    good = [edges[u].generate.remote(PROMPTS[u], max_new_tokens=20) for u in (0, 2)]
+    asyncio.run(all_attacks())
+    results = ray.get(good, timeout=120)
+    eos = tiny.tokenizer.eos_token_id
+    for u, res in zip((0, 2), results):
+        assert res["tokens"] == _reference(tiny, u, PROMPTS[u], SamplingParams(max_new_tokens=20, stop_ids=(eos,)))
+    st = pool.stats()[0]
+    assert st["disconnects"].get("refused", 0) + st["disconnects"].get("garbage", 0) >= 4
+
+
+def test_killed_or_silent_devices_free_their_kv_cache(system, tiny):
+    pool, _ = system
+    replica = pool.replicas[0]
+    victim = pool.edge(77, adapter_seed=77)
+    ray.get(victim.node_id.remote(), timeout=120)
+    victim.generate.remote("ROMEO:\n", max_new_tokens=400)
+    deadline = time.time() + 60
+    while ray.get(replica.stats.remote())["sessions"] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert ray.get(replica.stats.remote())["kv_bytes"] > 0
+    ray.kill(victim)
+    t0 = time.time()
+    while ray.get(replica.stats.remote())["sessions"] and time.time() - t0 < 10:
+        time.sleep(0.05)
+    st = ray.get(replica.stats.remote())
+    assert st["sessions"] == 0 and st["kv_bytes"] == 0
+
+    # a device that opens a session, starts a prefill, then goes silent (connection kept)
+    info = pool.infos[0]
+    geometry = session_geometry(info["layers"], tiny.config.hidden_size, CFG)
+
+    async def silent():
+        reader, writer, sid, key = await _raw_session(info["host"], info["port"], geometry)
+        await _read_frame(reader)
+        writer.write(wire.encode(wire.Handoff(sid, 0, torch.randn(3, tiny.config.hidden_size)), key=key,
+                                 direction="up", geometry=geometry))
+        await writer.drain()
+        await _read_frame(reader)                        # the first activations; never answered
+        assert ray.get(replica.stats.remote())["kv_bytes"] == 0 or True
+        t0 = time.time()
+        while ray.get(replica.stats.remote())["sessions"] and time.time() - t0 < 15:
+            await asyncio.sleep(0.2)
+        st = ray.get(replica.stats.remote())
+        writer.close()
+        return st, time.time() - t0
+    st, waited = asyncio.run(silent())
+    assert st["sessions"] == 0 and st["kv_bytes"] == 0 and st["errors"].get("idle_timeout", 0) >= 1
+    assert waited < 4.0 + 3.0          # the idle timeout (4 s) plus the reclaim check period
