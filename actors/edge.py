@@ -70,14 +70,16 @@ class EdgeActor:
         finally:
             self.router.release.remote(info["replica"])
 
-        def wire(direction):
-            return after.get(direction, {}).get("total", {}).get("wire", 0) - \
-                before.get(direction, {}).get("total", {}).get("wire", 0)
+        def wire(direction, kind="total", field="wire"):
+            return after.get(direction, {}).get(kind, {}).get(field, 0) - \
+                before.get(direction, {}).get(kind, {}).get(field, 0)
         return {"user": self.user, "replica": info["replica"], "tokens": gen.tokens,
                 "text": self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else None,
                 "finish_reason": gen.finish_reason, "error": gen.error.code if gen.error else None,
                 "seconds": dt, "prompt_tokens": len(ids), "cloud_tokens": gen.device.comm.tokens,
                 "bytes_to_cloud": wire("up"), "bytes_to_device": wire("down"),
+                "activation_bytes": wire("down", "activations") + wire("up", "reply"),
+                "activation_frames": wire("down", "activations", "frames"),
                 "comm": gen.device.comm.to_dict()}
 
     async def close(self) -> None:

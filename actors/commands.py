@@ -1,0 +1,123 @@
+"""The Ray-side CLI commands: ``serve`` and the Ray ``demo``. Imported only by them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+import privatelora.actors  # noqa: F401  (Ray's auth mode, before Ray is imported)
+import ray
+
+from privatelora.config import PrivateLoRAConfig, UsageError
+from privatelora.placement import CLOUD
+from privatelora.placement.cluster import connect
+
+from .pool import Pool
+
+
+def _connect(address):
+    try:
+        connect(address)
+    except ConnectionError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {e}")
+    cloud = ray.cluster_resources().get(CLOUD, 0)
+    if cloud < 1:
+        raise UsageError(f"no node of this Ray cluster has the {CLOUD!r} resource; start the cloud nodes with "
+                         f"ray start ... --resources '{{\"{CLOUD}\": 8}}'")
+
+
+def serve(args, cfg: PrivateLoRAConfig) -> dict:
+    _connect(args.address)
+    started = time.time()
+    pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
+                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000)
+    ready = {"event": "serving", "replicas": [{k: v for k, v in i.items() if k != "cert_pem"} | {"tls": bool(i["cert_pem"])}
+                                              for i in pool.infos],
+             "seconds_to_ready": time.time() - started}
+    if args.json:
+        print(json.dumps(ready), flush=True)
+    else:
+        for i in pool.infos:
+            print(f"[serve] replica {i['replica']} ({i['device']}, layers {i['layers'][0]}-{i['layers'][-1]}) on "
+                  f"{i['host']}:{i['port']}{' (TLS)' if i['cert_pem'] else ''}", file=sys.stderr, flush=True)
+        print("[serve] devices: privatelora edge --connect HOST:PORT ...; Ctrl-C stops", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    stats = pool.stats()
+    pool.shutdown()
+    ray.shutdown()
+    return {"event": "stopped", "replicas": [{k: v for k, v in s.items() if k != "bytes"} for s in stats]}
+
+
+def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16, address=None,
+         quiet: bool = False) -> dict:
+    from privatelora.accounting import naive_numbers_per_token_per_layer
+    from privatelora.demo import PROMPTS
+    from privatelora.models import load_backbone
+
+    if users < 1:
+        raise UsageError("--users must be at least 1")
+    t_start = time.time()
+
+    def say(msg):
+        if not quiet:
+            print(f"[demo {time.time() - t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
+    say("starting a local Ray cluster with cloud and edge resources" if address in (None, "local")
+        else f"joining the Ray cluster at {address}")
+    _connect(address)
+    cfg = PrivateLoRAConfig(rank=rank)
+    pool = Pool(model, cfg, replicas=1, pin_cores=True)
+    say(f"backbone replica up on {pool.infos[0]['host']}:{pool.infos[0]['port']}; starting {users} edge actors")
+    edges = [pool.edge(u, adapter_seed=1000 + u) for u in range(users)]
+    ray.get([e.node_id.remote() for e in edges])
+    say("edge actors up (each holds its user's private adapter); generating")
+    before = pool.stats()[0]
+    t0 = time.time()
+    futures = []
+    for u, e in enumerate(edges):
+        sampled = u % 2 == 1
+        futures.append(e.generate.remote(PROMPTS[u % len(PROMPTS)], max_new_tokens=max_new_tokens,
+                                         temperature=0.8 if sampled else 0.0, top_p=0.95, seed=u))
+        time.sleep(0.05)                     # users join at different times
+    results = ray.get(futures)
+    wall = time.time() - t0
+    after = pool.stats()[0]
+    pool.shutdown()
+    ray.shutdown()
+    mc = load_backbone(model).config
+    layers = len(pool.infos[0]["layers"])
+    tokens = sum(len(r["tokens"]) for r in results)
+    cloud_tokens = sum(r["cloud_tokens"] for r in results)
+    act = sum(r["activation_bytes"] for r in results)
+    frames = sum(r["activation_frames"] for r in results)
+    naive_layer = naive_numbers_per_token_per_layer(mc, cfg.targets) * 4       # fp32, no framing
+    crossed = sum(r["bytes_to_cloud"] + r["bytes_to_device"] for r in results)
+    naive_all = cloud_tokens * (naive_layer * layers + 2 * mc.hidden_size * 4)  # + the same hand-offs
+    stages = after["stages"] - before["stages"]
+    out = {
+        "mode": "ray", "users": [{"user": r["user"], "prompt": PROMPTS[r["user"] % len(PROMPTS)], "text": r["text"],
+                                  "tokens": len(r["tokens"]), "sampled": r["user"] % 2 == 1} for r in results],
+        "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+        "mean_batch_size": (after["stage_sessions"] - before["stage_sessions"]) / stages if stages else 0.0,
+        "bytes_crossed": crossed, "naive_bytes": naive_all,
+        "bytes_per_token_per_layer": act / frames if frames else 0.0,
+        "naive_bytes_per_token_per_layer": naive_layer,
+        "reduction": 1 - (act / frames) / naive_layer if frames else 0.0,
+        "reduction_including_handoffs": 1 - crossed / naive_all,
+        "total_seconds": time.time() - t_start,
+    }
+    if not quiet:
+        for u in out["users"]:
+            print(f"--- user {u['user']} ({'sampled' if u['sampled'] else 'greedy'}) ---")
+            print(u["prompt"] + u["text"])
+        print(f"--- {tokens} tokens from {users} users in {wall:.1f}s: {out['tokens_per_s']:.1f} tok/s aggregate; "
+              f"mean stage batch {out['mean_batch_size']:.2f} sessions; {out['bytes_per_token_per_layer']:.0f} B per "
+              f"token per layer on the wire vs {naive_layer} B for a naive split ({100 * out['reduction']:.1f}% less; "
+              f"{100 * out['reduction_including_handoffs']:.1f}% less counting the embedding hand-offs)")
+    return out
