@@ -128,3 +128,10 @@ def test_bench_comm_7b_reductions(seven_b):
 def test_5g_decode_rate_matches_link_model(geometry):
     r = bench.link(geometry, "5g", new_tokens=24, quiet=True)
     assert abs(r["measured_over_predicted_time"] - 1) <= 0.15, r
+
+
+def test_int8_transport_fidelity_on_the_shipped_tiny_model():
+    r = bench.fidelity("tiny", "int8", positions=256, free_tokens=32)
+    assert r["model"] == "tiny" and r["positions"] == 256
+    assert r["argmax_agreement"] >= 0.99, r
+    assert r["max_abs_logit_error"] > 0          # int8 really was on the wire
