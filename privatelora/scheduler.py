@@ -93,6 +93,8 @@ class Scheduler:
         self._admission: deque[int] = deque()
         self._seq = itertools.count()
         self._owed: dict[int, int] = {}      # session -> stage it owes the cloud an item for
+        self.last_queue_s = 0.0              # mean wait of the last batch's items
+        self.last_tokens = 0
         self.wake_at: float | None = None    # when next_batch returned [] while gathering
 
     # ---- sessions -----------------------------------------------------------------------
@@ -189,6 +191,8 @@ class Scheduler:
             tokens += item.tokens
         taken = {id(i) for i in batch}
         self._ready = [i for i in self._ready if id(i) not in taken]
+        self.last_queue_s = sum(now - i.arrived for i in batch) / len(batch)
+        self.last_tokens = tokens
         self.stats.batches += 1
         self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
         self.stats.items += len(batch)

@@ -28,6 +28,20 @@ from .transport import Client, Server
 HANDOFF_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp16"}
 
 
+class EndpointEvents:
+    """What a ``CloudEndpoint`` reports as it works (metrics subscribe; default: nothing).
+
+    Times are ``time.monotonic()`` seconds. No method receives tokens or tensors, and
+    session ids are for correlating events only: exporters must not put them in labels.
+    """
+
+    def opened(self, session: int, now: float) -> None: ...
+    def hand_in(self, session: int, tokens: int, first: bool, now: float) -> None: ...
+    def hand_out(self, session: int, now: float) -> None: ...
+    def stage(self, sessions: int, tokens: int, seconds: float, queue_s: float) -> None: ...
+    def closed(self, session: int, reason: str, now: float) -> None: ...
+
+
 def session_geometry(layer_ids, hidden: int, cfg, dtype: str = "fp32", max_tokens: int = 2048) -> wire.Geometry:
     return wire.Geometry(hidden=hidden, rank=cfg.rank, targets=tuple(cfg.targets), shared_a=cfg.shared_a,
                          layers=tuple(layer_ids), dtype=dtype, max_tokens=max_tokens).validate()
@@ -47,8 +61,12 @@ class CloudEndpoint:
     def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 256,
                  max_waiting: int | None = None, token_budget: int = 4096, max_wait_s: float = 0.05,
                  idle_timeout_s: float = 120.0, gather_s: float = 0.01, overlap: bool = True,
-                 disconnect_on_refusal: bool = True, training: bool = True, **server_kw):
+                 disconnect_on_refusal: bool = True, training: bool = True,
+                 events: EndpointEvents | None = None, **server_kw):
         self.cloud = cloud
+        self.events = events or EndpointEvents()
+        self._handed_in: set[int] = set()            # sessions whose first hand-off arrived
+        self._close_reason: dict[int, str] = {}
         self.scheduler = Scheduler(max_running=max_sessions,
                                    max_waiting=max_sessions if max_waiting is None else max_waiting,
                                    token_budget=token_budget, max_wait_s=max_wait_s, idle_timeout_s=idle_timeout_s,
@@ -120,6 +138,7 @@ class CloudEndpoint:
             await self._in_worker(self.cloud.open, msg.session)
             self.scheduler.open(msg.session, now)
             self._dtype[msg.session] = g.dtype
+            self.events.opened(msg.session, now)
         elif isinstance(msg, wire.Close):
             if msg.session in self._dtype:
                 self._closing.add(msg.session)
@@ -139,6 +158,10 @@ class CloudEndpoint:
                 return
             except UnknownSession:
                 return
+            if isinstance(msg, wire.Handoff):
+                first = msg.session not in self._handed_in
+                self._handed_in.add(msg.session)
+                self.events.hand_in(msg.session, tokens, first, now)
             self._wake.set()
 
     async def _refuse(self, sid: int, code: str, reason: str) -> None:
@@ -146,6 +169,7 @@ class CloudEndpoint:
         self.errors[code] += 1
         await self._send(wire.Error(sid, code, reason[: wire.MAX_REASON]))
         self._closing.add(sid)
+        self._close_reason[sid] = code
         self._wake.set()
 
     # ---- the stage loop ------------------------------------------------------------------
@@ -153,6 +177,7 @@ class CloudEndpoint:
         for sid in self.scheduler.idle(now):
             self.errors["idle_timeout"] += 1
             self._closing.add(sid)
+            self._close_reason[sid] = "idle_timeout"
         if self._closing:
             gone, self._closing = self._closing, set()
             for sid in gone:
@@ -162,6 +187,8 @@ class CloudEndpoint:
                     if self.trainer is not None:
                         await self._in_worker(self.trainer.close, sid)
                     self.closed_sessions += 1
+                    self._handed_in.discard(sid)
+                    self.events.closed(sid, self._close_reason.pop(sid, "closed"), now)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -188,8 +215,11 @@ class CloudEndpoint:
                     pass
                 continue
             t0 = loop.time()
+            queue_s = self.scheduler.last_queue_s
             answers = await self._in_worker(self.cloud.run, batch)
-            self.busy_s += loop.time() - t0
+            dt = loop.time() - t0
+            self.busy_s += dt
+            self.events.stage(len(batch), self.scheduler.last_tokens, dt, queue_s)
             self._need_prepare = True
             for ans in answers:
                 if isinstance(ans, wire.Error):
@@ -219,6 +249,7 @@ class CloudEndpoint:
         try:
             if isinstance(ans, wire.Handoff):
                 self.scheduler.expect(ans.session, -1)        # the device's next token comes next
+                self.events.hand_out(ans.session, time.monotonic())
                 await self.server.send(ans, dtype=HANDOFF_DTYPE[dtype])
             else:
                 if isinstance(ans, wire.Activations):
