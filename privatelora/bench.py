@@ -325,6 +325,28 @@ def add_commands(sub):
             raise UsageError(str(e))
     fi.set_defaults(func=run_fidelity, printer=print_fidelity)
 
+    mo = bsub.add_parser("model", help="the paper's analytic throughput model next to ours (latency, batching, wire)")
+    mo.add_argument("--rtt-ms", type=float, nargs="*", default=[0.0, 20.0], help="round trips to evaluate")
+    mo.add_argument("--users", type=int, nargs="*", default=[1, 8, 32])
+    mo.add_argument("--json", action="store_true")
+
+    def run_model(args):
+        from .perfmodel import report
+        return report(rtts=tuple(r / 1000 for r in args.rtt_ms), users=tuple(args.users))
+
+    def print_model(r):
+        print(f"{'model':12} {'paper table':>11} {'paper formula':>13} {'device-only 4b':>14} {'A100 only':>9}")
+        for m in r["models"]:
+            print(f"{m['model']:12} {m['paper_table_tps']:11.1f} {m['paper_formula_tps']:13.1f} "
+                  f"{m['device_only_4bit_tps']:14.1f} {m['cloud_only_tps']:9.1f}")
+        print("\nours (5G 60/100 Mbit/s, framed wire bytes; tokens/s: one user | aggregate by users):")
+        for m in r["models"]:
+            for o in m["ours"]:
+                agg = ", ".join(f"{u}: {v:.0f}" for u, v in o["aggregate_tps"].items())
+                print(f"  {m['model']:12} r={o['rank']:<4} {'shared A' if o['shared_a'] else 'separate A':10} "
+                      f"{o['dtype']:5} rtt {o['rtt_ms']:4.0f} ms: {o['single_user_tps']:6.2f} | {agg}")
+    mo.set_defaults(func=run_model, printer=print_model)
+
     def run_comm(args):
         from .config import UsageError
         if args.rank < 1 or args.prompt_tokens < 1:
