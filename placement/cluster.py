@@ -38,7 +38,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, edge_slo
     if ray.is_initialized():
         return
     if address in (None, "", "local"):
-        _quiet_init(num_cpus=num_cpus or os.cpu_count(), resources={CLOUD: 64, EDGE: edge_slots})
+        # "local": always a fresh instance, even when `ray start` left one on this machine
+        _quiet_init(address="local", num_cpus=num_cpus or os.cpu_count(), resources={CLOUD: 64, EDGE: edge_slots})
     else:
         _quiet_init(address=address)
 
