@@ -15,7 +15,8 @@ import tempfile
 class BackboneReplica:
     def __init__(self, replica_id: int, model: str, cfg: dict, *, max_sessions: int = 256,
                  idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
-                 cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False):
+                 cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False,
+                 metrics_port: int = 0):
         import torch
 
         from privatelora.placement.checks import pin_to_cores
@@ -38,6 +39,7 @@ class BackboneReplica:
         self.cert_pem = None
         self.record_frames = record_frames
         self.frames: list[bytes] = []     # audits only: every frame received, verbatim
+        self.metrics_port, self.metrics, self.metrics_address = metrics_port, None, None
 
     async def start(self) -> dict:
         from privatelora.serving import CloudEndpoint
@@ -55,6 +57,10 @@ class BackboneReplica:
                                       idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s, **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
+        if self.metrics_port:     # this replica's own /metrics (privatelora.metrics), same host
+            from privatelora.metrics import instrument
+            self.metrics = instrument(self.endpoint)
+            self.metrics_address = self.metrics.serve(self.metrics_port, self.host)
         await self.endpoint.start()
         return self.info()
 
@@ -68,7 +74,8 @@ class BackboneReplica:
         host, port = self.endpoint.address
         return {"replica": self.replica_id, "host": host, "port": port, "cert_pem": self.cert_pem,
                 "pid": os.getpid(), "layers": self.cloud.layer_ids, "device": str(self.cloud.device),
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint,
+                "metrics": list(self.metrics_address) if self.metrics_address else None}
 
     async def stats(self) -> dict:
         return {"replica": self.replica_id, **self.endpoint.stats()}
@@ -83,3 +90,6 @@ class BackboneReplica:
         if self.endpoint is not None:
             await self.endpoint.stop()
             self.endpoint = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None

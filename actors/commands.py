@@ -30,10 +30,16 @@ def _connect(address):
 
 
 def serve(args, cfg: PrivateLoRAConfig) -> dict:
+    metrics_port, sd_file = getattr(args, "metrics_port", 0), getattr(args, "metrics_sd_file", None)
+    if sd_file and not metrics_port:
+        raise UsageError("--metrics-sd-file needs --metrics-port")
     _connect(args.address)
     started = time.time()
     pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
-                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000)
+                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port)
+    if sd_file:     # Prometheus file_sd: one target per replica, labelled replica="i"
+        from privatelora.metrics import write_sd_file
+        write_sd_file(sd_file, [(*i["metrics"], i["replica"]) for i in pool.infos])
     ready = {"event": "serving", "replicas": [{k: v for k, v in i.items() if k != "cert_pem"} | {"tls": bool(i["cert_pem"])}
                                               for i in pool.infos],
              "seconds_to_ready": time.time() - started}
@@ -43,6 +49,9 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
         for i in pool.infos:
             print(f"[serve] replica {i['replica']} ({i['device']}, layers {i['layers'][0]}-{i['layers'][-1]}) on "
                   f"{i['host']}:{i['port']}{' (TLS)' if i['cert_pem'] else ''}", file=sys.stderr, flush=True)
+            if i["metrics"]:
+                print(f"[serve] replica {i['replica']} metrics on http://{i['metrics'][0]}:{i['metrics'][1]}/metrics",
+                      file=sys.stderr, flush=True)
         print("[serve] devices: privatelora edge --connect HOST:PORT ...; Ctrl-C stops", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,6 +59,8 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
     while not stop.wait(1.0):
         pass
     stats = pool.stats()
+    if sd_file:
+        write_sd_file(sd_file, [])     # a clean stop leaves no target to scrape
     pool.shutdown()
     ray.shutdown()
     return {"event": "stopped", "replicas": [{k: v for k, v in s.items() if k != "bytes"} for s in stats]}

@@ -31,7 +31,7 @@ class Pool:
     def __init__(self, model: str = "tiny", cfg: PrivateLoRAConfig | None = None, replicas: int = 1, *,
                  max_sessions: int = 256, idle_timeout_s: float = 120.0, port: int = 0, replica_cpus: float = 1,
                  host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
-                 gather_s: float = 0.01, record_frames: bool = False):
+                 gather_s: float = 0.01, record_frames: bool = False, metrics_port: int = 0):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.model = model
@@ -52,7 +52,8 @@ class Pool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
                 i, model, self.cfg.to_dict(), max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
                 host=host or replica_host(), port=port + i if port else 0, threads=max(1, int(replica_cpus)),
-                cores=self.cloud_cores, gather_s=gather_s, record_frames=record_frames)
+                cores=self.cloud_cores, gather_s=gather_s, record_frames=record_frames,
+                metrics_port=metrics_port + i if metrics_port else 0)     # replica i: /metrics on PORT+i
             self.replicas.append(actor)
         self.infos = ray.get([r.start.remote() for r in self.replicas], timeout=timeout_s)
         ray.get([self.router.register.remote(info) for info in self.infos])

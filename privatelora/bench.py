@@ -176,6 +176,9 @@ def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = 
 
     async def main():
         async with CloudEndpoint(split.cloud) as ep:
+            if not quiet:
+                print(f"[bench link] {new_tokens} tokens on loopback, then over {profile.name}", file=sys.stderr,
+                      flush=True)
             loop_s, _, _ = await decode(ep, "loopback")
             link_s, before, end = await decode(ep, profile.name if profile.name in ("lan", "wifi", "5g", "4g") else link)
             return loop_s, link_s, before, end
@@ -203,7 +206,7 @@ SAMPLE_TEXT = Path(__file__).parent / "zoo" / "samples" / "heldout.txt"
 
 
 def fidelity(model: str = "tiny", dtype: str = "int8", positions: int = 256, rank: int = 16,
-             shared_a: bool = False, free_tokens: int = 64, seed: int = 0, text_file=None) -> dict:
+             shared_a: bool = False, free_tokens: int = 64, seed: int = 0, text_file=None, quiet: bool = False) -> dict:
     """How much a lossy wire dtype changes the model's output, over a real socket.
 
     Teacher forcing: the same ``positions`` tokens of held-out text go through an fp32
@@ -234,6 +237,9 @@ def fidelity(model: str = "tiny", dtype: str = "int8", positions: int = 256, ran
             client = await Client.connect(*ep.address)
             out = {}
             for dt in ("fp32", dtype):
+                if not quiet:
+                    print(f"[bench fidelity] {positions} positions and {free_tokens} free tokens in {dt}",
+                          file=sys.stderr, flush=True)
                 g = await run_remote(client, split.device, ids, SamplingParams(max_new_tokens=1), dtype=dt,
                                      keep_logits=True)
                 free = await run_remote(client, split.device, ids[:16], SamplingParams(max_new_tokens=free_tokens),
@@ -320,7 +326,8 @@ def add_commands(sub):
     def run_fidelity(args):
         from .config import UsageError
         try:
-            return fidelity(args.model, args.dtype, args.positions, args.rank, args.shared_a, text_file=args.text)
+            return fidelity(args.model, args.dtype, args.positions, args.rank, args.shared_a, text_file=args.text,
+                            quiet=args.json)
         except (ValueError, OSError) as e:
             raise UsageError(str(e))
     fi.set_defaults(func=run_fidelity, printer=print_fidelity)

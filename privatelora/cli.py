@@ -165,9 +165,18 @@ def cmd_adapter_info(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from .demo import run_inprocess_demo
-    return run_inprocess_demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model,
-                              rank=args.rank or 16, quiet=args.json)
+    if args.in_process:
+        from .demo import run_inprocess_demo
+        return run_inprocess_demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model,
+                                  rank=args.rank or 16, quiet=args.json)
+    from .actors.commands import demo
+    return demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model, rank=args.rank or 16,
+                address=args.address, quiet=args.json)
+
+
+def cmd_serve(args) -> dict:
+    from .actors.commands import serve
+    return serve(args, _split_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub, _add_split_args, _positive)
     from .bench import add_commands as add_bench
     add_bench(sub)
+    from .tuning import add_commands as add_tuning   # `tune` and `bench tuning`
+    add_tuning(sub, _add_split_args, _positive)
 
     d = sub.add_parser("demo", help="multi-user demo on the embedded tiny model",
                        description="Several users with different private adapters and prompts share one "
@@ -220,8 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=_positive, default=48)
     d.add_argument("--model", default="tiny")
     d.add_argument("--rank", type=_positive, default=None)
+    d.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    d.add_argument("--in-process", action="store_true", help="no Ray: device and cloud parts in this process")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="serve the shared backbone on a Ray cluster (pool of replicas + router)",
+                        description="Joins (--address auto|HOST:PORT) or starts a Ray cluster, runs N backbone "
+                        "replicas pinned to cloud nodes, each with its TCP endpoint, until Ctrl-C / SIGTERM.")
+    _add_split_args(sv, with_adapter=False)
+    sv.add_argument("--address", default=None, help="auto, HOST:PORT, or omit to start a local cluster")
+    sv.add_argument("--replicas", type=_positive, default=1)
+    sv.add_argument("--port", type=_positive, default=7431, help="first replica's port (replica i: PORT+i; 0: any)")
+    sv.add_argument("--max-sessions", type=_positive, default=256, help="sessions holding KV caches per replica")
+    sv.add_argument("--idle-timeout", type=float, default=120.0, help="seconds of silence before a session is reclaimed")
+    sv.add_argument("--gather-ms", type=float, default=10.0,
+                    help="most a stage waits for sessions that owe it a reply (batching vs latency)")
+    sv.add_argument("--metrics-port", type=_positive, default=0,
+                    help="replica i serves Prometheus /metrics on PORT+i, on its endpoint's host (0: off)")
+    sv.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing every replica")
+    sv.add_argument("--json", action="store_true")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -35,12 +35,18 @@ def cmd_cloud(args) -> dict:
     from .transport import TLSRequiredError
     from .config import UsageError
 
+    if args.metrics_sd_file and not args.metrics_port:
+        raise UsageError("--metrics-sd-file needs --metrics-port")
     split = build_split(args.model, _cfg(args))
     try:
         ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
                            idle_timeout_s=args.idle_timeout, **_tls_server_kw(args))
     except TLSRequiredError as e:
         raise UsageError(str(e))
+    metrics = None
+    if args.metrics_port:
+        from .metrics import instrument
+        metrics = instrument(ep)
 
     async def main():
         await ep.start()
@@ -48,21 +54,43 @@ def cmd_cloud(args) -> dict:
         ready = {"event": "listening", "host": host, "port": port, "model": split.backbone.name,
                  "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids,
                  "tls": ep.server.ssl_context is not None}
+        if metrics is not None:
+            ready["metrics"] = _serve_metrics(args, metrics)
         if args.json:
             print(json.dumps(ready), flush=True)
         else:
             print(f"[cloud] {split.backbone.name}: layers {split.cloud.layer_ids[0]}-{split.cloud.layer_ids[-1]}, "
                   f"rank {split.cfg.rank}, listening on {host}:{port}{' (TLS)' if ready['tls'] else ''}",
                   file=sys.stderr, flush=True)
+            if metrics is not None:
+                print(f"[cloud] metrics on http://{ready['metrics']}/metrics", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await ep.stop()
+        if metrics is not None:
+            _stop_metrics(args, metrics)
         return {"event": "stopped", **ep.stats()}
 
     return asyncio.run(main())
+
+
+def _serve_metrics(args, metrics) -> str:
+    """Start /metrics (same host as the endpoint) and write the discovery file; its address."""
+    from .metrics import sd_target, write_sd_file
+    host, port = metrics.serve(args.metrics_port, args.host)
+    if args.metrics_sd_file:
+        write_sd_file(args.metrics_sd_file, [(host, port, 0)])
+    return sd_target(host, port)
+
+
+def _stop_metrics(args, metrics) -> None:
+    from .metrics import write_sd_file
+    if args.metrics_sd_file:
+        write_sd_file(args.metrics_sd_file, [])   # a clean stop leaves no target to scrape
+    metrics.close()
 
 
 def parse_address(s: str) -> tuple[str, int]:
@@ -148,6 +176,9 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    c.add_argument("--metrics-port", type=positive, default=0,
+                   help="serve Prometheus /metrics on this port, same host as --host (0: off)")
+    c.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing /metrics")
     c.add_argument("--json", action="store_true", help="JSON lines: one when listening, one when stopped")
     c.set_defaults(func=cmd_cloud, printer=lambda r: print(
         f"[cloud] stopped after {r['stages']} stages (mean batch {r['mean_batch_size']:.2f} sessions); "

@@ -38,6 +38,8 @@ class EndpointEvents:
     def opened(self, session: int, now: float) -> None: ...
     def hand_in(self, session: int, tokens: int, first: bool, now: float) -> None: ...
     def hand_out(self, session: int, now: float) -> None: ...
+    def activations(self, session: int, layer: int, now: float) -> None: ...
+    def reply(self, session: int, layer: int, now: float) -> None: ...
     def stage(self, sessions: int, tokens: int, seconds: float, queue_s: float) -> None: ...
     def closed(self, session: int, reason: str, now: float) -> None: ...
 
@@ -162,6 +164,8 @@ class CloudEndpoint:
                 first = msg.session not in self._handed_in
                 self._handed_in.add(msg.session)
                 self.events.hand_in(msg.session, tokens, first, now)
+            else:
+                self.events.reply(msg.session, msg.layer, now)
             self._wake.set()
 
     async def _refuse(self, sid: int, code: str, reason: str) -> None:
@@ -254,6 +258,7 @@ class CloudEndpoint:
             else:
                 if isinstance(ans, wire.Activations):
                     self.scheduler.expect(ans.session, ans.layer)
+                    self.events.activations(ans.session, ans.layer, time.monotonic())
                 await self.server.send(ans)
         except Exception:          # the device went away: its connection's Close frees the session
             pass
