@@ -101,6 +101,20 @@ def parse_address(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def connect_client(host: str, port: int, args, link=None):
+    """A transport client for a device command (``--tls-ca``, ``--tls-server-name``,
+    ``--timeout``); connection and TLS failures become one-line usage errors."""
+    from .config import UsageError
+    from .transport import Client, TLSRequiredError
+    try:
+        return await Client.connect(host, port, ca=args.tls_ca, link=link, timeout=args.timeout,
+                                    server_hostname=args.tls_server_name)
+    except TLSRequiredError as e:
+        raise UsageError(str(e))
+    except OSError as e:
+        raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+
 def cmd_edge(args) -> dict:
     from .api import build_split
     from .cli import _decode, _prompt_ids
@@ -108,7 +122,7 @@ def cmd_edge(args) -> dict:
     from .generation import SamplingParams
     from .link import get_profile
     from .serving import run_remote
-    from .transport import Client, RemoteError, TLSRequiredError
+    from .transport import RemoteError
 
     host, port = parse_address(args.connect)
     if args.prompt is None and args.prompt_ids is None:
@@ -125,13 +139,7 @@ def cmd_edge(args) -> dict:
                             seed=args.seed, stop_ids=stop)
 
     async def main():
-        try:
-            client = await Client.connect(host, port, ca=args.tls_ca, link=link, timeout=args.timeout,
-                                          server_hostname=args.tls_server_name)
-        except TLSRequiredError as e:
-            raise UsageError(str(e))
-        except OSError as e:
-            raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+        client = await connect_client(host, port, args, link=link)
         try:
             t0 = time.perf_counter()
             gen = await run_remote(client, split.device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)

@@ -478,19 +478,13 @@ def cmd_tune(args) -> dict:
 
 
 async def _tune_remote(args, part, cfg, tune):
-    from .endpoint_cli import parse_address
+    from .endpoint_cli import connect_client, parse_address
     from .serving import session_geometry
     from .training import TrainingError
-    from .transport import Client, RemoteError, TLSRequiredError
+    from .transport import RemoteError
 
     host, port = parse_address(args.connect)
-    try:
-        client = await Client.connect(host, port, ca=args.tls_ca, timeout=args.timeout,
-                                      server_hostname=args.tls_server_name)
-    except TLSRequiredError as e:
-        raise UsageError(str(e))
-    except OSError as e:
-        raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+    client = await connect_client(host, port, args)
     try:
         geometry = session_geometry(part.cloud_layer_ids, part.model_config.hidden_size, cfg, "fp32",
                                     max_tokens=max(2048, args.batch * args.seq))

@@ -8,29 +8,9 @@ from privatelora.cloud import CloudPart
 from privatelora.config import PrivateLoRAConfig
 from privatelora.device import DevicePart
 from privatelora.generation import Generation, SamplingParams
+from privatelora.placement.checks import walk_tensors
 from privatelora.privacy import PRIVATE_PREFIX, is_private
 from privatelora.protocol import Activations, Error, Handoff, Reply
-from privatelora.runner import InProcessRunner
-
-
-def _walk_tensors(obj, path="cloud", seen=None):
-    seen = seen if seen is not None else set()
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk_tensors(k, f"{path}.key", seen)
-            yield from _walk_tensors(v, f"{path}[{k!r}]", seen)
-    elif isinstance(obj, (list, tuple, set)):
-        for i, v in enumerate(obj):
-            yield from _walk_tensors(v, f"{path}[{i}]", seen)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("privatelora"):
-        for k, v in vars(obj).items():
-            yield from _walk_tensors(v, f"{path}.{k}", seen)
 
 
 def test_cloud_state_holds_no_private_tensor(backbones):
@@ -44,14 +24,14 @@ def test_cloud_state_holds_no_private_tensor(backbones):
     for _ in range(3):     # stop mid-generation, with a live KV cache and an in-flight stage
         (ans,) = cloud.run([msg])
         msg = g.on(ans)
-    found = list(_walk_tensors(cloud))
+    found = list(walk_tensors(cloud, "cloud"))
     assert any("caches" in p for p, _ in found)          # the walk does reach session state
     assert not [p for p, t in found if is_private(t)]
     assert not [p for p in (n for n, _ in found) if PRIVATE_PREFIX in p]
     m_values = {t.data_ptr() for t in adapter.M.values()}
     assert not [p for p, t in found if t.data_ptr() in m_values]
     # the device side does hold them (the walk would find them there)
-    assert [p for p, t in _walk_tensors(device, "device") if is_private(t)]
+    assert [p for p, t in walk_tensors(device, "device") if is_private(t)]
 
 
 def test_bad_requests_are_isolated(backbones):

@@ -20,7 +20,6 @@ import sys
 import urllib.request
 
 import pytest
-import torch
 
 from privatelora import wire
 from privatelora.accounting import naive_numbers_per_token_per_layer
@@ -39,12 +38,7 @@ USERS = [(7, 10, "fp32", 0, 0.0), (3, 6, "fp16", 0, 0.02), (12, 8, "int8", 1, 0.
          (4, 0, "fp32", 1, 0.03)]        # the last one opens and closes without generating
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()       # cloud worker and devices share this process
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

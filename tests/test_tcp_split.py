@@ -2,15 +2,13 @@
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from privatelora import bench, wire
+from privatelora import bench
 from privatelora.adapters import PrivateAdapter, save_adapter
 from privatelora.api import build_split
 from privatelora.config import PrivateLoRAConfig
@@ -24,13 +22,7 @@ from privatelora.transport import Client, RemoteError, make_self_signed
 CLI = [sys.executable, "-m", "privatelora.cli"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # cloud worker thread and device in one process: keep OpenMP from oversubscribing 2 cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inprocess(bb, cfg, adapter, prompt, params):

@@ -38,12 +38,7 @@ VARIANTS = {
 LENGTHS = (30, 7, 41)   # 30, 41 > the tiny Mistral/Qwen2 sliding window (24): windows are exercised
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed=0, lengths=LENGTHS, vocab=250):
