@@ -82,7 +82,9 @@ class CloudPart:
         self.sessions.pop(session, None)
 
     def kv_bytes(self) -> int:
-        return sum(c.nbytes() for s in self.sessions.values() for c in s.caches.values())
+        # may be called from another thread than the one running stages (metrics, stats):
+        # iterate over snapshots, taken atomically under the GIL, not the live dicts
+        return sum(c.nbytes() for s in list(self.sessions.values()) for c in list(s.caches.values()))
 
     # ---- one stage for many sessions ---------------------------------------------------
     @torch.no_grad()

@@ -119,7 +119,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(1 for s in self._sessions.values() if s.running)
+        return sum(1 for s in list(self._sessions.values()) if s.running)   # snapshot: metrics read it from another thread
 
     @property
     def waiting(self) -> int:

@@ -95,7 +95,7 @@ class ByteStats:
 
     def total(self, direction: str) -> KindBytes:
         t = KindBytes()
-        for k in getattr(self, direction).values():
+        for k in list(getattr(self, direction).values()):   # a snapshot: scrapes run in other threads
             t.frames, t.raw, t.wire = t.frames + k.frames, t.raw + k.raw, t.wire + k.wire
             t.compressed += k.compressed
         return t
