@@ -69,7 +69,7 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
 def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16, address=None,
          quiet: bool = False) -> dict:
     from privatelora.accounting import naive_numbers_per_token_per_layer
-    from privatelora.demo import PROMPTS
+    from privatelora.demo import PROMPTS, print_users
     from privatelora.models import load_backbone
 
     if users < 1:
@@ -124,9 +124,7 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
         "total_seconds": time.time() - t_start,
     }
     if not quiet:
-        for u in out["users"]:
-            print(f"--- user {u['user']} ({'sampled' if u['sampled'] else 'greedy'}) ---")
-            print(u["prompt"] + u["text"])
+        print_users(out["users"])
         print(f"--- {tokens} tokens from {users} users in {wall:.1f}s: {out['tokens_per_s']:.1f} tok/s aggregate; "
               f"mean stage batch {out['mean_batch_size']:.2f} sessions; {out['bytes_per_token_per_layer']:.0f} B per "
               f"token per layer on the wire vs {naive_layer} B for a naive split ({100 * out['reduction']:.1f}% less; "

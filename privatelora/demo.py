@@ -31,6 +31,13 @@ PROMPTS = [
 ]
 
 
+def print_users(users: list[dict]) -> None:
+    """Each demo user's prompt and continuation (in-process and Ray demos alike)."""
+    for u in users:
+        print(f"--- user {u['user']} ({'sampled' if u['sampled'] else 'greedy'}) ---")
+        print(u["prompt"] + u["text"])
+
+
 def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16,
                        quiet: bool = False) -> dict:
     if users < 1:
@@ -71,9 +78,7 @@ def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "t
         "seconds": stats.seconds,
     }
     if not quiet:
-        for u in out["users"]:
-            print(f"--- user {u['user']} ({'sampled' if u['sampled'] else 'greedy'}) ---")
-            print(u["prompt"] + u["text"])
+        print_users(out["users"])
         print(f"--- {stats.tokens_generated} tokens, {out['tokens_per_s']:.1f} tok/s aggregate, mean stage batch "
               f"{out['mean_batch_size']:.2f} sessions, {out['bytes_per_token_per_layer']:.0f} B/token/layer vs "
               f"{out['naive_bytes_per_token_per_layer']} B naive split ({100 * out['reduction']:.1f}% less)")
