@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     d.add_argument("--in-process", action="store_true", help="no Ray: device and cloud parts in this process")
     d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, printer=lambda _res: None)   # the demo prints as it goes
 
     sv = sub.add_parser("serve", help="serve the shared backbone on a Ray cluster (pool of replicas + router)",
                         description="Joins (--address auto|HOST:PORT) or starts a Ray cluster, runs N backbone "
