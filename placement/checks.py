@@ -68,17 +68,29 @@ def require_edge_node() -> str:
 
 
 def pin_to_cores(cores) -> None:
-    """Restrict this process to ``cores`` (Linux; ignored elsewhere or when None).
+    """Restrict this whole process to ``cores`` (Linux; ignored elsewhere or when None).
 
     On one machine that plays both cloud and devices, devices must not steal the
-    backbone's CPU: on real deployments they are different machines.
+    backbone's CPU: on real deployments they are different machines. Linux applies an
+    affinity to one thread, so every thread already running is pinned (a Ray worker has
+    its event loop and RPC threads before the actor starts); threads created later
+    inherit it from their creator.
     """
     import os
-    if cores and hasattr(os, "sched_setaffinity"):
-        avail = os.sched_getaffinity(0)
-        want = {c for c in cores if c in avail}
-        if want:
-            os.sched_setaffinity(0, want)
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return
+    want = {c for c in cores if c in os.sched_getaffinity(0)}
+    if not want:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, want)
+        except OSError:         # a thread that ended meanwhile
+            pass
 
 
 ALLOWED_UP_KINDS = ("open", "handoff", "reply", "close", "error")
