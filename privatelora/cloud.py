@@ -91,14 +91,17 @@ class CloudPart:
     def run(self, requests: list) -> list:
         out: list = []
         seen: set[int] = set()
-        absorb: dict[int, list] = defaultdict(list)   # layer -> [(session id, m tuple)]
-        emit: list[int] = []                          # sessions whose next A h is due
+        ok = []
         for req in requests:
             err = self._validate(req, seen)
             if err is not None:
                 out.append(err)
                 continue
             seen.add(req.session)
+            ok.append(req)
+        absorb: dict[int, list] = defaultdict(list)   # layer -> [(session id, m tuple)]
+        emit: list[int] = []                          # sessions whose next A h is due
+        for req in self._finite(ok, out):
             s = self.sessions[req.session]
             if isinstance(req, Handoff):
                 n = req.hidden.shape[0]
@@ -160,9 +163,9 @@ class CloudPart:
                 return Error(sid, "too_many_tokens", f"{h.shape[0]} tokens exceed {self.max_tokens_per_request} per request")
             if req.start + h.shape[0] > self.max_positions:
                 return Error(sid, "too_long", f"context would reach {req.start + h.shape[0]} > {self.max_positions} positions")
-            if not torch.is_floating_point(h) or not torch.isfinite(h).all():
+            if not torch.is_floating_point(h):
                 return Error(sid, "not_finite", "hidden states must be finite floats")
-            return None
+            return None             # finiteness: checked for the whole stage in _finite
         p = s.pending
         if p is None or p.normed is None or req.layer != p.layer:
             return Error(sid, "out_of_order", f"reply for layer {req.layer} was not asked for")
@@ -172,9 +175,26 @@ class CloudPart:
         for m in req.m:
             if not isinstance(m, torch.Tensor) or tuple(m.shape) != (n, r):
                 return Error(sid, "bad_shape", f"each reply tensor must be [{n}, {r}], got {_shape(m)}")
-            if not torch.is_floating_point(m) or not torch.isfinite(m).all():
+            if not torch.is_floating_point(m):
                 return Error(sid, "not_finite", "reply values must be finite floats")
         return None
+
+    def _finite(self, reqs: list, out: list) -> list:
+        """The requests whose floats are all finite; an ``Error`` for each of the others.
+
+        One check over the whole stage (a torch op costs ~15 us of dispatch here, and a
+        stage of 16 decode replies carries 48 tensors); per request only when it fails."""
+        tensors = [t for r in reqs for t in ((r.hidden,) if isinstance(r, Handoff) else r.m)]
+        if not tensors or bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all()):
+            return reqs
+        good = []
+        for r in reqs:
+            if all(bool(torch.isfinite(t).all()) for t in ((r.hidden,) if isinstance(r, Handoff) else r.m)):
+                good.append(r)
+            else:
+                what = "hidden states" if isinstance(r, Handoff) else "reply values"
+                out.append(Error(r.session, "not_finite", f"{what} must be finite floats"))
+        return good
 
     def _absorb(self, layer: int, items: list, out: list, emit: list) -> None:
         """Finish ``layer`` for a flat batch of sessions whose replies are in."""

@@ -478,7 +478,14 @@ class Session:
 
     async def recv(self, timeout: float | None = None) -> wire.Message:
         """Next message for this session (Error frames included). ConnectionError if closed."""
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+        try:                    # fast path: the answer is often in already
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout is None:
+                item = await self._queue.get()
+            else:               # asyncio.timeout, not wait_for: no extra task per message
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
         if item is _CLOSED:
             self._queue.put_nowait(_CLOSED)  # every later recv fails the same way
             raise ConnectionError("connection closed")
