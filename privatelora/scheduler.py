@@ -12,12 +12,20 @@ runs next:
   starves behind a stream of others;
 - **token budget**: a batch holds at most ``token_budget`` tokens (an item bigger than
   the budget runs alone), so one long prefill cannot stall every decode for long;
+  ``max_batch`` caps the sessions per batch (1 = no cross-user batching at all, the way
+  the paper's reference code serves: the baseline of ``bench throughput``);
 - **bounded gathering**: the cloud knows which sessions owe it an item at each stage (it
   sent them the activations, ``expect``). A group still missing members may wait for
   them at most ``gather_s`` after its first item arrived, and only while no complete group
   is ready to run instead. Replies of one stage arrive microseconds to milliseconds apart;
   without this, a group split by arrival jitter stays split for the rest of the run. No
-  device can hold the backbone longer than ``gather_s`` per stage. (Excusing a device that
+  device can hold the backbone longer than ``gather_s`` per stage.
+- **merging cohorts** (``merge``): a group also waits, within the same bound, for the
+  sessions still *behind* it in the step (owing an earlier layer; for a hand-off group,
+  any layer): they run first (trailing first), catch up, and from then on share every
+  stage. Without it, sessions that entered out of phase (prefills arriving a few ms
+  apart) stay in separate cohorts, and on a CPU two stages of 8 tokens cost ~1.6x one
+  of 16. (Excusing a device that
   missed a window was tried: a session one step behind then never rejoins its cohort, and
   the batches fragment for good.)
 
@@ -83,11 +91,13 @@ class Scheduler:
     max_wait_s: float = 0.05
     idle_timeout_s: float = 120.0
     gather_s: float = 0.0
+    merge: bool = False              # also wait for sessions behind in the step
+    max_batch: int = 0               # sessions per batch; 0: no cap
     stats: SchedulerStats = field(default_factory=SchedulerStats)
 
     def __post_init__(self):
-        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1:
-            raise ValueError("max_running and token_budget must be >= 1, max_waiting >= 0")
+        if self.max_running < 1 or self.max_waiting < 0 or self.token_budget < 1 or self.max_batch < 0:
+            raise ValueError("max_running and token_budget must be >= 1, max_waiting and max_batch >= 0")
         self._sessions: dict[int, _Session] = {}
         self._ready: list[Item] = []
         self._admission: deque[int] = deque()
@@ -185,7 +195,7 @@ class Scheduler:
         group = sorted((i for i in self._ready if i.stage == stage), key=lambda i: i.seq)
         batch, tokens = [], 0
         for item in group:
-            if batch and tokens + item.tokens > self.token_budget:
+            if batch and (tokens + item.tokens > self.token_budget or len(batch) == self.max_batch):
                 break
             batch.append(item)
             tokens += item.tokens
@@ -209,8 +219,11 @@ class Scheduler:
         for i in self._ready:
             first[i.stage] = min(first.get(i.stage, i.arrived), i.arrived)
         for st in stages:
-            if st not in owed or now - first[st] >= self.gather_s:
+            if now - first[st] >= self.gather_s:
                 return st
+            if st in owed or (self.merge and any(o >= 0 and (st < 0 or o < st) for o in owed)):
+                continue                 # members owed here, or (merge) trailers still behind
+            return st
         self.wake_at = min(first.values()) + self.gather_s
         self.stats.gather_waits += 1
         return None

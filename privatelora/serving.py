@@ -62,7 +62,8 @@ class CloudEndpoint:
 
     def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 256,
                  max_waiting: int | None = None, token_budget: int = 4096, max_wait_s: float = 0.05,
-                 idle_timeout_s: float = 120.0, gather_s: float = 0.01, overlap: bool = True,
+                 idle_timeout_s: float = 120.0, gather_s: float = 0.01, merge: bool = False,
+                 overlap: bool = True,
                  disconnect_on_refusal: bool = True, training: bool = True,
                  events: EndpointEvents | None = None, **server_kw):
         self.cloud = cloud
@@ -72,7 +73,7 @@ class CloudEndpoint:
         self.scheduler = Scheduler(max_running=max_sessions,
                                    max_waiting=max_sessions if max_waiting is None else max_waiting,
                                    token_budget=token_budget, max_wait_s=max_wait_s, idle_timeout_s=idle_timeout_s,
-                                   gather_s=gather_s)
+                                   gather_s=gather_s, merge=merge)
         self.overlap = overlap
         self.server = Server(self._handle, host, port, disconnect_on_refusal=disconnect_on_refusal, **server_kw)
         self._dtype: dict[int, str] = {}             # open session -> wire dtype it declared
@@ -111,6 +112,21 @@ class CloudEndpoint:
 
     async def __aexit__(self, *exc):
         await self.stop()
+
+    def set_policy(self, *, gather_s: float | None = None, merge: bool | None = None,
+                   max_batch: int | None = None) -> None:
+        """Change how stages are batched from now on (benchmarks compare policies on one
+        warm backbone). ``max_batch=1`` serves each session's stage alone."""
+        if gather_s is not None:
+            if gather_s < 0:
+                raise ValueError("gather_s must be >= 0")
+            self.scheduler.gather_s = gather_s
+        if merge is not None:
+            self.scheduler.merge = bool(merge)
+        if max_batch is not None:
+            if max_batch < 0:
+                raise ValueError("max_batch must be >= 0")
+            self.scheduler.max_batch = max_batch
 
     def stats(self) -> dict:
         sch = self.scheduler

@@ -124,3 +124,35 @@ def test_gathering_waits_for_owed_members_but_at_most_gather_s():
     s.submit(0, 6, 1, "a6", 0.020)
     s.expect(3, 6)
     assert s.next_batch(0.0201) == ["c7"]   # a complete group runs while stage 6 gathers
+
+
+def test_merge_holds_a_leading_group_for_the_sessions_behind_it():
+    """Two cohorts one layer apart: with merge, the leader waits (bounded by gather_s)
+    while the trailer runs its stage and answers, and from then on they share stages."""
+    s = Scheduler(gather_s=0.05, merge=True)
+    for sid in range(4):
+        s.open(sid, 0.0)
+    for sid in (0, 1):
+        s.expect(sid, 5)                    # cohort A owes layer 5
+    for sid in (2, 3):
+        s.submit(sid, 6, 1, f"b{sid}", 0.0)  # cohort B is already at layer 6
+    assert s.next_batch(0.001) == [] and s.wake_at == 0.05     # B waits for A, behind it
+    s.submit(0, 5, 1, "a0", 0.002)
+    s.submit(1, 5, 1, "a1", 0.003)
+    assert s.next_batch(0.003) == ["a0", "a1"]                 # trailing first: A catches up
+    for sid in (0, 1):
+        s.expect(sid, 6)
+    assert s.next_batch(0.004) == []                            # B now waits for A's owed replies
+    s.submit(0, 6, 1, "a0", 0.010)
+    s.submit(1, 6, 1, "a1", 0.011)
+    assert s.next_batch(0.011) == ["b2", "b3", "a0", "a1"]     # merged
+    # without merge the leader runs at once; with it, never beyond gather_s
+    s2 = Scheduler(gather_s=0.05)
+    for sid in range(3):
+        s2.open(sid, 0.0)
+    s2.expect(0, 5)
+    s2.submit(1, 6, 1, "b1", 0.0)
+    assert s2.next_batch(0.001) == ["b1"]
+    s.expect(2, 2)                                              # a trailer that never answers
+    s.submit(3, 9, 1, "late", 0.1)
+    assert s.next_batch(0.12) == [] and s.next_batch(0.151) == ["late"]
