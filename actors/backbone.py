@@ -32,6 +32,7 @@ class BackboneReplica:
         if torch.cuda.is_available():
             backbone.model.to("cuda")
         self.fingerprint = backbone.fingerprint
+        self.backbone = backbone      # public weights; benchmarks run the plain forward on it
         self.cloud = CloudPart(backbone, self.cfg)     # the replica builds no device part at all
         self.max_sessions, self.idle_timeout_s, self.gather_s = max_sessions, idle_timeout_s, gather_s
         self.host, self.port = host, port
@@ -76,6 +77,22 @@ class BackboneReplica:
                 "pid": os.getpid(), "layers": self.cloud.layer_ids, "device": str(self.cloud.device),
                 "fingerprint": self.fingerprint,
                 "metrics": list(self.metrics_address) if self.metrics_address else None}
+
+    async def set_policy(self, **policy) -> None:
+        """``CloudEndpoint.set_policy``: gather_s, merge, max_batch."""
+        self.endpoint.set_policy(**policy)
+
+    async def limit(self, users: int, prompt_tokens: int, new_tokens: int, hf: bool = False) -> dict:
+        """The plain batched forward on this replica's cores (``bench throughput``'s limit).
+        Runs on the endpoint's worker thread, so it never overlaps a serving stage."""
+        from privatelora.throughput import hf_decode, limit_decode
+        model = self.backbone.model
+        if hf:
+            return await self.endpoint._in_worker(hf_decode, model, users, prompt_tokens, new_tokens)
+        out = await self.endpoint._in_worker(limit_decode, model, users, prompt_tokens, new_tokens,
+                                             self.cloud.layer_ids)
+        out.pop("prefill_out")
+        return out
 
     async def stats(self) -> dict:
         return {"replica": self.replica_id, **self.endpoint.stats()}

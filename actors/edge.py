@@ -1,8 +1,13 @@
-"""The per-user edge actor: one user's device part, pinned to an edge node.
+"""Edge actors: users' device parts, pinned to an edge node.
 
-It holds the user's tokenizer, embedding, LM head and private adapter, refuses to start
-on a node without the edge resource, and speaks the wire protocol to a backbone replica
-over TCP exactly like a device outside Ray. Nothing private ever goes through Ray.
+``EdgeActor`` is one user: tokenizer, embedding, LM head and private adapter. It refuses
+to start on a node without the edge resource, and speaks the wire protocol to a backbone
+replica over TCP exactly like a device outside Ray. Nothing private ever goes through Ray.
+
+``EdgeHost`` carries several users in one process (an edge server of an organisation,
+or a benchmark simulating many devices on few cores): one copy of the public weights,
+one private adapter and one session per user, all sessions multiplexed on one
+connection per replica. Each user's data stays in its own session state.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ class EdgeActor:
                  cores: list[int] | None = None):
         from privatelora.placement.checks import pin_to_cores, require_edge_node
         self.node = require_edge_node()           # before any private state exists
-        pin_to_cores(cores)
         import torch
 
         from privatelora.api import build_split
@@ -31,12 +35,13 @@ class EdgeActor:
             split.adapter.randomize_(adapter_seed, scale=adapter_scale)
         self.device = split.device
         self.tokenizer = split.backbone.tokenizer
+        del split                                 # the cloud layers were loaded only to be dropped
+        pin_to_cores(cores)                       # after loading, which may use every core
         self._clients: dict[int, object] = {}
-        self._ca: dict[int, str] = {}
 
-    async def _client(self, info: dict):
+    async def _client(self, info: dict, link: str = "loopback"):
         from privatelora.transport import Client
-        rid = info["replica"]
+        rid = (info["replica"], link)
         c = self._clients.get(rid)
         if c is None or c.closed:
             ca = None
@@ -46,7 +51,7 @@ class EdgeActor:
                 f.close()
                 ca = f.name
             c = await Client.connect(info["host"], info["port"], ca=ca,
-                                     server_hostname=info["host"] if ca else None)
+                                     server_hostname=info["host"] if ca else None, link=link, seed=self.user)
             self._clients[rid] = c
         return c
 
@@ -82,6 +87,36 @@ class EdgeActor:
                 "activation_frames": wire("down", "activations", "frames"),
                 "comm": gen.device.comm.to_dict()}
 
+    async def bench_decode(self, prompt: list[int], new_tokens: int, start_at: float, link: str = "loopback") -> dict:
+        """One timed generation for ``bench throughput``: starts at wall-clock ``start_at``
+        (so that all users start together) and reports when each token's final hidden
+        state reached this device. Greedy, no stop token: exactly ``new_tokens`` tokens."""
+        return (await self._bench([(self.user, self.device, prompt)], new_tokens, start_at, link))[0]
+
+    async def _bench(self, jobs, new_tokens: int, start_at: float, link: str) -> list[dict]:
+        import asyncio
+
+        from privatelora import wire
+        from privatelora.generation import SamplingParams
+        from privatelora.serving import run_remote
+        info = await self.router.route.remote()
+        try:
+            client = await self._client(info, link)
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+
+            async def one(user, device, prompt):
+                times = []
+                started = time.time()
+                gen = await run_remote(client, device, prompt, SamplingParams(max_new_tokens=new_tokens),
+                                       dtype=self.wire_dtype, timeout=120.0,
+                                       observe=lambda m: times.append(time.time()) if isinstance(m, wire.Handoff)
+                                       else None)
+                return {"user": user, "started": started, "token_times": times, "tokens": len(gen.tokens),
+                        "ids": gen.tokens, "error": gen.error.code if gen.error else None}
+            return list(await asyncio.gather(*(one(*job) for job in jobs)))
+        finally:
+            self.router.release.remote(info["replica"])
+
     async def close(self) -> None:
         for c in self._clients.values():
             await c.close()
@@ -89,3 +124,46 @@ class EdgeActor:
 
     def node_id(self) -> str:
         return self.node
+
+
+class EdgeHost(EdgeActor):
+    """Several users' device parts in one edge process (see the module docstring)."""
+
+    def __init__(self, users: list[int], model: str, cfg: dict, router, *, adapter_seeds: list[int] | None = None,
+                 adapter_scale: float = 0.3, wire_dtype: str = "fp32", cores: list[int] | None = None):
+        from privatelora.placement.checks import pin_to_cores, require_edge_node
+        self.node = require_edge_node()           # before any private state exists
+        import torch
+
+        from privatelora.adapters import PrivateAdapter
+        from privatelora.config import PrivateLoRAConfig
+        from privatelora.device import DevicePart
+        from privatelora.models import load_backbone
+        torch.set_num_threads(1)
+        if not users or len(set(users)) != len(users):
+            raise ValueError("an edge host needs distinct user ids")
+        if adapter_seeds is not None and len(adapter_seeds) != len(users):
+            raise ValueError("give one adapter seed per user")
+        c = PrivateLoRAConfig(**cfg)
+        backbone = load_backbone(model, dtype=c.torch_dtype)
+        self.user, self.router, self.wire_dtype = users[0], router, wire_dtype
+        self.devices = {}
+        for i, u in enumerate(users):              # public weights shared, one private M per user
+            adapter = PrivateAdapter(c, backbone.n_layers, backbone.fingerprint)
+            if adapter_seeds is not None:
+                adapter.randomize_(adapter_seeds[i], scale=adapter_scale)
+            self.devices[u] = DevicePart(backbone, c, adapter)
+        self.device = self.devices[users[0]]
+        self.tokenizer = backbone.tokenizer
+        del backbone
+        pin_to_cores(cores)
+        self._clients: dict[int, object] = {}
+
+    async def generate(self, *args, **kwargs) -> dict:
+        raise TypeError("an edge host serves several users: use bench_decode_many, or an EdgeActor per user")
+
+    async def bench_decode_many(self, prompts: dict, new_tokens: int, start_at: float,
+                                link: str = "loopback") -> list[dict]:
+        """``bench_decode`` for several of this host's users at once, on one connection
+        (over an emulated link, the host's users share that one link)."""
+        return await self._bench([(u, self.devices[u], p) for u, p in prompts.items()], new_tokens, start_at, link)

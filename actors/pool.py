@@ -17,7 +17,7 @@ from privatelora.config import PrivateLoRAConfig
 from privatelora.placement import CLOUD, EDGE
 
 from .backbone import BackboneReplica
-from .edge import EdgeActor
+from .edge import EdgeActor, EdgeHost
 from .router import Router
 
 
@@ -65,6 +65,14 @@ class Pool:
         return ray.remote(EdgeActor).options(**opts).remote(
             user, self.model, self.cfg.to_dict(), self.router, adapter_path=adapter_path,
             adapter_seed=adapter_seed, adapter_scale=adapter_scale, wire_dtype=wire_dtype, cores=self.edge_cores)
+
+    def edge_host(self, users: list[int], *, adapter_seeds: list[int] | None = None, adapter_scale: float = 0.3,
+                  wire_dtype: str = "fp32", **options):
+        """A new edge host carrying ``users`` (pinned to an edge node)."""
+        opts = {"num_cpus": 0, "resources": {EDGE: 1}, "max_concurrency": 4, **options}
+        return ray.remote(EdgeHost).options(**opts).remote(
+            users, self.model, self.cfg.to_dict(), self.router, adapter_seeds=adapter_seeds,
+            adapter_scale=adapter_scale, wire_dtype=wire_dtype, cores=self.edge_cores)
 
     def stats(self) -> list[dict]:
         return ray.get([r.stats.remote() for r in self.replicas])

@@ -127,6 +127,38 @@ def comm(geometry: str = "7b", rank: int = 128, shared_a: bool = False, dtype: s
     }
 
 
+def cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("PRIVATELORA_CACHE") or Path.home() / ".cache" / "privatelora")
+
+
+def geometry_checkpoint(name: str, layers: int = 16, seed: int = 0, quiet: bool = False) -> str:
+    """A local checkpoint directory of geometry ``name`` (built once from ``seed``, then
+    reused), so that many processes (backbone replicas, edge actors) load one backbone by
+    path. ``tiny`` is the shipped model itself."""
+    if name == "tiny":
+        return "tiny"
+    path = cache_dir() / f"geometry-{name}-L{layers}-seed{seed}"
+    if (path / "config.json").is_file():
+        return str(path)
+    import shutil
+    import tempfile
+    t0 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        geometry_model(name, layers=layers, seed=seed).model.save_pretrained(tmp)
+        tmp.rename(path)         # atomic: a half-written checkpoint is never found
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "config.json").is_file():   # not a concurrent builder winning the race
+            raise
+    if not quiet:
+        print(f"[bench] built the {name} geometry ({layers} layers, seed {seed}) into {path} in "
+              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return str(path)
+
+
 def _one_thread():
     """Cloud and device share this process in a benchmark: two OpenMP pools of two threads
     on two cores spin against each other and slow every op ~100x; one thread each avoids it."""
@@ -364,3 +396,78 @@ def add_commands(sub):
         except ValueError as e:
             raise UsageError(str(e))
     c.set_defaults(func=run_comm, printer=print_comm)
+
+    th = bsub.add_parser("throughput", help="decode throughput: the physical limit vs ours vs paper-style serving, "
+                                            "on one pinned backbone with N edge actors (Ray)",
+                         description="For each user count: the limit (the backbone's layers decoding N sequences in "
+                                     "one plain batched forward), ours (N edge actors over TCP, stages batched by the "
+                                     "scheduler) and paper-style (the same actors, every stage alone). Prints tokens/s, "
+                                     "time to first token and the backbone's busy fraction.")
+    th.add_argument("--geometry", choices=["bench", "tiny"], default="bench",
+                    help="bench: 7B proportions, CPU-sized, 16 layers (built once into the cache, ~0.9 GB); "
+                         "tiny: the shipped model")
+    th.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts (default 1,2,4,8,16)")
+    th.add_argument("--link", default="loopback", help="loopback, lan, wifi, 5g, 4g (emulated on each device's link)")
+    th.add_argument("--new-tokens", type=int, default=32, help="tokens each user decodes (default 32)")
+    th.add_argument("--prompt-tokens", type=int, default=16)
+    th.add_argument("--gather-ms", type=float, default=10.0,
+                    help="ours: the longest a stage waits for its owed members (default 10, as serve)")
+    th.add_argument("--merge", action="store_true",
+                    help="ours: stages also wait (within --gather-ms) for sessions behind them, merging cohorts")
+    th.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32", help="wire dtype")
+    th.add_argument("--edge-hosts", type=int, default=0, metavar="K",
+                    help="carry the users on K edge hosts (one process and connection each, so over an "
+                         "emulated link a host's users share it) instead of one edge actor per user (default)")
+    th.add_argument("--no-hf", action="store_true", help="skip the transformers cloud-only reference")
+    th.add_argument("--plot", metavar="FILE.png", help="also draw the curves (needs matplotlib)")
+    th.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    th.add_argument("--json", action="store_true")
+
+    def run_throughput(args):
+        from .config import UsageError
+        try:
+            users = [int(u) for u in args.users.split(",") if u.strip()]
+        except ValueError:
+            raise UsageError(f"--users must be comma-separated integers, not {args.users!r}")
+        from .link import get_profile
+        try:
+            get_profile(args.link)
+        except ValueError as e:
+            raise UsageError(str(e))
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install 'privatelora[bench]'")
+        from .actors.throughput import run
+        from .cli import stdout_kept_for_json
+        with stdout_kept_for_json():
+            out = run(args.geometry, users, args.link, args.new_tokens, args.prompt_tokens, args.gather_ms, args.merge,
+                      hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address)
+        if args.plot:
+            from .throughput import plot
+            plot(out, args.plot)
+        return out
+    th.set_defaults(func=run_throughput, printer=print_throughput)
+
+
+def print_throughput(r):
+    who = f"{r['edge_hosts']} edge hosts" if r.get("edge_hosts") else "one edge actor per user"
+    print(f"{r['geometry']} geometry ({r['layers']} cloud layers, rank {r['rank']}), link {r['link']}, "
+          f"{r['new_tokens']} tokens per user, {who}; backbone on cores {r['cores']['backbone']}, "
+          f"devices on {r['cores']['edges']}")
+    print(f"{'users':>5} {'limit':>8} {'ours':>8} {'paper':>8} {'ours/limit':>10} {'ours/paper':>10} "
+          f"{'busy':>5} {'batch':>5} {'TTFT ours':>9} {'TTFT paper':>10}")
+    for x in r["results"]:
+        print(f"{x['users']:5d} {x['limit_tok_s']:8.1f} {x['ours_tok_s']:8.1f} {x['paper_style_tok_s']:8.1f} "
+              f"{x['ours_over_limit']:10.2f} {x['ours_over_paper_style']:10.2f} {100 * x['backbone_busy']:4.0f}% "
+              f"{x['ours_mean_batch']:5.1f} {x['ours_ttft_s'] * 1000:7.0f}ms {x['paper_style_ttft_s'] * 1000:8.0f}ms")
+    if any("model_tok_s" in x for x in r["results"]):
+        print("model (this machine's loopback step + the link model's time per token): " + ", ".join(
+            f"{x['users']}: {x['model_tok_s']:.1f} tok/s (measured/model {x['ours_over_model']:.2f})"
+            for x in r["results"]))
+    s = r.get("summary")
+    if s:
+        print(f"at {s['users']} users: ours = {s['ours_over_limit']:.2f} of the limit; ours / paper-style = "
+              f"{s['ours_over_paper_style']:.2f}, {100 * s['share_of_ideal_gain']:.0f}% of the ideal gain "
+              f"{s['ideal_gain']:.2f} (limit at {s['users']} users / limit at 1)")

@@ -8,7 +8,9 @@ Every bad argument or bad file exits with code 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -164,14 +166,30 @@ def cmd_adapter_info(args) -> dict:
     return read_adapter_metadata(args.file)
 
 
+@contextlib.contextmanager
+def stdout_kept_for_json():
+    """While Ray runs, send file descriptor 1 to stderr: Ray's own warnings (e.g. about
+    worker start-up) may be printed on stdout, which ``--json`` keeps for one object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_demo(args) -> dict:
     if args.in_process:
         from .demo import run_inprocess_demo
         return run_inprocess_demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model,
                                   rank=args.rank or 16, quiet=args.json)
     from .actors.commands import demo
-    return demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model, rank=args.rank or 16,
-                address=args.address, quiet=args.json)
+    with stdout_kept_for_json():
+        return demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model, rank=args.rank or 16,
+                    address=args.address, quiet=args.json)
 
 
 def cmd_serve(args) -> dict:

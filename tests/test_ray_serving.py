@@ -217,3 +217,19 @@ def test_killed_or_silent_devices_free_their_kv_cache(system, tiny):
     st, waited = asyncio.run(silent())
     assert st["sessions"] == 0 and st["kv_bytes"] == 0 and st["errors"].get("idle_timeout", 0) >= 1
     assert waited < 4.0 + 3.0          # the idle timeout (4 s) plus the reclaim check period
+
+
+def test_an_edge_host_carries_several_users_each_matching_the_monolithic_model(system, tiny):
+    """One edge process, one connection, two users with their own M: each user's tokens
+    are what the merged model with that user's adapter generates."""
+    pool, _ = system
+    users = [0, 3]
+    host = pool.edge_host(users, adapter_seeds=[500 + u for u in users])
+    prompts = {u: tiny.tokenizer.encode(PROMPTS[u], add_special_tokens=False) for u in users}
+    runs = ray.get(host.bench_decode_many.remote(prompts, 10, 0.0), timeout=120)
+    ray.get(host.close.remote())
+    ray.kill(host)
+    assert sorted(r["user"] for r in runs) == users
+    for r in runs:
+        assert r["error"] is None and len(r["token_times"]) == 10
+        assert r["ids"] == _reference(tiny, r["user"], PROMPTS[r["user"]], SamplingParams(max_new_tokens=10))

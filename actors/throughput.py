@@ -1,0 +1,184 @@
+"""``privatelora bench throughput``: limit vs ours vs paper-style, measured in one run.
+
+One backbone replica (pinned to the first core when the machine has two or more, so that
+device work never steals the cloud's CPU) and N edge actors (pinned to the other cores)
+over the TCP transport. For each user count B, in this order, on the same warm replica:
+
+1. limit: ``BackboneReplica.limit`` runs the plain batched forward of B sequences on the
+   replica's own worker thread (``privatelora.throughput.limit_decode``);
+2. ours: B edge actors decode together, the scheduler batching their stages;
+3. paper-style: the same B actors with ``max_batch=1`` and no gathering: every stage
+   runs alone, as the paper's reference code serves one device at a time.
+
+Decode rates come from per-token arrival times on the devices (steady-state window, all
+users active); the backbone's busy fraction from the time its worker spent computing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import privatelora.actors  # noqa: F401  (Ray's auth mode, before Ray is imported)
+import ray
+
+from privatelora.config import PrivateLoRAConfig, UsageError
+from privatelora.throughput import decode_rate, link_step_s, predict_tps
+
+from .commands import _connect
+from .pool import Pool
+
+RANKS = {"bench": 32, "tiny": 16}      # DESIGN.md section 6
+EDGE_WAVE = 8                          # edge actors started at once (each loads the backbone once)
+
+
+class _Devices:
+    """The simulated devices: one edge actor per user, or ``hosts`` edge hosts sharing them."""
+
+    def __init__(self, pool: Pool, n: int, hosts: int, dtype: str, say):
+        self.hosts = hosts
+        self.actors = []
+        if hosts:
+            groups = [[u for u in range(n) if u % hosts == h] for h in range(min(hosts, n))]
+            self.actors = [pool.edge_host(g, adapter_seeds=[1000 + u for u in g], wire_dtype=dtype) for g in groups]
+            ray.get([a.node_id.remote() for a in self.actors])
+            say(f"{len(self.actors)} edge hosts up, carrying {n} users")
+            return
+        for i in range(0, n, EDGE_WAVE):
+            wave = [pool.edge(u, adapter_seed=1000 + u, wire_dtype=dtype) for u in range(i, min(n, i + EDGE_WAVE))]
+            ray.get([e.node_id.remote() for e in wave])
+            self.actors += wave
+            say(f"{len(self.actors)}/{n} edge actors up")
+
+    def decode(self, prompts: list, new_tokens: int, start_at: float, link: str) -> list[dict]:
+        """The first ``len(prompts)`` users decode together; one result per user."""
+        if not self.hosts:
+            return ray.get([e.bench_decode.remote(p, new_tokens, start_at, link)
+                            for e, p in zip(self.actors, prompts)])
+        refs = []
+        for h, actor in enumerate(self.actors):
+            mine = {u: p for u, p in enumerate(prompts) if u % self.hosts == h}
+            if mine:
+                refs.append(actor.bench_decode_many.remote(mine, new_tokens, start_at, link))
+        return [r for part in ray.get(refs) for r in part]
+
+    def close(self) -> None:
+        ray.get([a.close.remote() for a in self.actors])
+
+
+def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *, gather_s: float, max_batch: int,
+           merge: bool = False) -> dict:
+    replica = pool.replicas[0]
+    ray.get(replica.set_policy.remote(gather_s=gather_s, merge=merge, max_batch=max_batch))
+    before = ray.get(replica.stats.remote())
+    start_at = time.time() + 0.5
+    runs = devices.decode(prompts, new_tokens, start_at, link)
+    after = ray.get(replica.stats.remote())
+    errors = [r["error"] for r in runs if r["error"]]
+    if errors or any(r["tokens"] != new_tokens for r in runs):
+        raise RuntimeError(f"a benchmark generation failed: {errors or 'short output'}")
+    end = max(r["token_times"][-1] for r in runs)
+    stages = after["stages"] - before["stages"]
+    rate = decode_rate(runs)
+    return {**rate, "wall_s": end - start_at,
+            "busy": (after["busy_s"] - before["busy_s"]) / (end - start_at),
+            "mean_batch": (after["stage_sessions"] - before["stage_sessions"]) / stages if stages else 0.0}
+
+
+def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback", new_tokens: int = 32,
+        prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = False, hf: bool = True, dtype: str = "fp32",
+        edge_hosts: int = 0, address=None, quiet: bool = False) -> dict:
+    import os
+
+    import torch
+
+    from privatelora.bench import GEOMETRIES, geometry_checkpoint
+    from privatelora.link import get_profile
+
+    users = sorted(set(users))
+    if not users or users[0] < 1:
+        raise UsageError("--users must be positive integers")
+    if geometry not in GEOMETRIES or geometry == "7b":
+        raise UsageError("--geometry must be bench or tiny")
+    if edge_hosts < 0:
+        raise UsageError("--edge-hosts must be >= 0")
+    if new_tokens < 4:
+        raise UsageError("--new-tokens must be at least 4 (the rate is measured after the first token)")
+    profile = get_profile(link)
+    t_start = time.time()
+
+    def say(msg):
+        if not quiet:
+            print(f"[throughput {time.time() - t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    if dtype not in ("fp32", "fp16", "bf16", "int8"):
+        raise UsageError("--dtype must be fp32, fp16, bf16 or int8")
+    model = geometry_checkpoint(geometry, quiet=quiet)
+    cfg = PrivateLoRAConfig(rank=RANKS[geometry])
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
+        if address in (None, "local") else f"joining {address}")
+    _connect(address)
+    pool = Pool(model, cfg, replicas=1, pin_cores=ncpu >= 2, gather_s=gather_ms / 1000)
+    try:
+        info = pool.infos[0]
+        say(f"backbone replica up ({len(info['layers'])} cloud layers, cores {pool.cloud_cores or 'all'}); "
+            f"starting {users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
+        devices = _Devices(pool, users[-1], edge_hosts, dtype, say)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, _config(model).vocab_size, (prompt_tokens,), generator=g).tolist()
+                   for _ in range(users[-1])]
+        devices.decode([p[:4] for p in prompts], 4, 0.0, link)      # warm up: connections, caches
+        mc = _config(model)
+        shaped = profile.shaped
+        link_s = link_step_s(profile, len(info["layers"]), mc.hidden_size, cfg.rank, cfg.shared_a, dtype)
+        rows = []
+        for b in users:
+            row = {"users": b}
+            lim = ray.get(pool.replicas[0].limit.remote(b, prompt_tokens, new_tokens))
+            row["limit_tok_s"], row["limit_layer_ms"] = lim["tok_s"], lim["layer_s"] * 1000
+            if hf:
+                row["hf_cloud_only_tok_s"] = ray.get(pool.replicas[0].limit.remote(b, prompt_tokens, new_tokens, hf=True))["tok_s"]
+            ours = _timed(pool, devices, prompts[:b], new_tokens, link, gather_s=gather_ms / 1000, max_batch=0,
+                          merge=merge)
+            paper = _timed(pool, devices, prompts[:b], new_tokens, link, gather_s=0.0, max_batch=1)
+            row.update({"ours_tok_s": ours["tok_s"], "paper_style_tok_s": paper["tok_s"],
+                        "ours_ttft_s": ours["ttft_s"], "paper_style_ttft_s": paper["ttft_s"],
+                        "backbone_busy": ours["busy"], "paper_style_backbone_busy": paper["busy"],
+                        "ours_mean_batch": ours["mean_batch"], "paper_style_mean_batch": paper["mean_batch"],
+                        "ours_over_limit": ours["tok_s"] / row["limit_tok_s"],
+                        "ours_over_paper_style": ours["tok_s"] / paper["tok_s"] if paper["tok_s"] else None})
+            if shaped:     # the model: this cohort's loopback step, measured now, plus the link's time
+                loop = _timed(pool, devices, prompts[:b], new_tokens, "loopback", gather_s=gather_ms / 1000,
+                              max_batch=0, merge=merge)
+                row.update({"ours_loopback_tok_s": loop["tok_s"], "link_s_per_token": link_s,
+                            "model_tok_s": predict_tps(b, loop["tok_s"], link_s)})
+                row["ours_over_model"] = ours["tok_s"] / row["model_tok_s"]
+            rows.append(row)
+            say(f"{b:3d} users: limit {row['limit_tok_s']:6.1f}  ours {ours['tok_s']:6.1f}  paper-style "
+                f"{paper['tok_s']:6.1f} tok/s; backbone busy {100 * ours['busy']:.0f}% (ours), mean batch "
+                f"{ours['mean_batch']:.1f}" + (f"; model {row['model_tok_s']:.1f}" if shaped else ""))
+        devices.close()
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+    base = rows[0]
+    top = rows[-1]
+    out = {"geometry": geometry, "link": profile.name, "rank": cfg.rank, "layers": len(info["layers"]), "dtype": dtype, "edge_hosts": edge_hosts,
+           "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "gather_ms": gather_ms, "merge": merge,
+           "cores": {"backbone": pool.cloud_cores, "edges": pool.edge_cores}, "results": rows,
+           "total_seconds": time.time() - t_start}
+    if base["users"] == 1 and top["users"] > 1:
+        ideal = top["limit_tok_s"] / base["limit_tok_s"]
+        out["summary"] = {"users": top["users"], "ours_over_limit": top["ours_over_limit"],
+                          "ideal_gain": ideal, "ours_over_paper_style": top["ours_over_paper_style"],
+                          "share_of_ideal_gain": top["ours_over_paper_style"] / ideal}
+    return out
+
+
+def _config(model: str):
+    from transformers import AutoConfig
+    if model == "tiny":
+        from privatelora.models import load_backbone
+        return load_backbone("tiny").config
+    return AutoConfig.from_pretrained(model, local_files_only=True)
