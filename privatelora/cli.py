@@ -187,7 +187,8 @@ def cmd_demo(args) -> dict:
         return run_inprocess_demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model,
                                   rank=args.rank or 16, quiet=args.json)
     from .actors.commands import demo
-    with stdout_kept_for_json():
+    # the report is printed as the demo runs: only --json needs stdout kept clean
+    with stdout_kept_for_json() if args.json else contextlib.nullcontext():
         return demo(users=args.users, max_new_tokens=args.max_new_tokens, model=args.model, rank=args.rank or 16,
                     address=args.address, quiet=args.json)
 

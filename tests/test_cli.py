@@ -68,6 +68,11 @@ def test_generate_variants_through_cli(checkpoints, capsys):
     (["generate", "--model", "tiny"], "--prompt"),
     (["generate", "--model", "tiny-gpt", "--prompt", "x"], "unknown model"),
     (["generate", "--bogus"], "unrecognized"),
+    (["bench", "throughput", "--users", "1,x"], "comma-separated integers"),
+    (["bench", "throughput", "--users", "0,4"], "positive"),
+    (["bench", "throughput", "--link", "dialup"], "unknown link profile"),
+    (["bench", "throughput", "--new-tokens", "2"], "at least 4"),
+    (["bench", "throughput", "--edge-hosts", "-1"], "edge-hosts"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
