@@ -24,18 +24,17 @@ class EdgeActor:
         self.node = require_edge_node()           # before any private state exists
         import torch
 
-        from privatelora.api import build_split
+        from privatelora.api import build_device
         from privatelora.config import PrivateLoRAConfig
         torch.set_num_threads(1)
         self.user = user
         self.router = router
         self.wire_dtype = wire_dtype
-        split = build_split(model, PrivateLoRAConfig(**cfg), adapter_path)
+        # a device reads only its own tensors (embedding, norm, LM head) from the checkpoint
+        self.device = build_device(model, PrivateLoRAConfig(**cfg), adapter_path)
         if adapter_path is None and adapter_seed is not None:
-            split.adapter.randomize_(adapter_seed, scale=adapter_scale)
-        self.device = split.device
-        self.tokenizer = split.backbone.tokenizer
-        del split                                 # the cloud layers were loaded only to be dropped
+            self.device.adapter.randomize_(adapter_seed, scale=adapter_scale)
+        self.tokenizer = self.device.tokenizer
         pin_to_cores(cores)                       # after loading, which may use every core
         self._clients: dict[int, object] = {}
 
@@ -138,14 +137,14 @@ class EdgeHost(EdgeActor):
         from privatelora.adapters import PrivateAdapter
         from privatelora.config import PrivateLoRAConfig
         from privatelora.device import DevicePart
-        from privatelora.models import load_backbone
+        from privatelora.api import load_device_backbone
         torch.set_num_threads(1)
         if not users or len(set(users)) != len(users):
             raise ValueError("an edge host needs distinct user ids")
         if adapter_seeds is not None and len(adapter_seeds) != len(users):
             raise ValueError("give one adapter seed per user")
         c = PrivateLoRAConfig(**cfg)
-        backbone = load_backbone(model, dtype=c.torch_dtype)
+        backbone = load_device_backbone(model, c)
         self.user, self.router, self.wire_dtype = users[0], router, wire_dtype
         self.devices = {}
         for i, u in enumerate(users):              # public weights shared, one private M per user

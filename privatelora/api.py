@@ -3,6 +3,8 @@
 ``build_split(model, cfg, adapter)`` loads the backbone, the user's adapter (a file, an
 in-memory ``PrivateAdapter`` or none = M at zero) and returns both parts. When an adapter
 file is given, its recorded rank/targets/shared_a/seed win; ``cfg`` supplies placement.
+``build_device`` builds the device part alone, reading from a checkpoint only the
+tensors a device holds.
 """
 
 from __future__ import annotations
@@ -47,6 +49,29 @@ def load_user_adapter(backbone: Backbone, cfg: PrivateLoRAConfig, adapter) -> Pr
     if adapter is None:
         return PrivateAdapter(cfg, backbone.n_layers, backbone.fingerprint)
     return load_adapter(adapter, cfg, backbone.n_layers, backbone.fingerprint)
+
+
+def device_layers(cfg: PrivateLoRAConfig, n_layers: int) -> list[int]:
+    """The decoder layers a device runs itself (head and tail; none in the reference design)."""
+    cloud = cfg.cloud_layers(n_layers)
+    return [i for i in range(n_layers) if i not in cloud]
+
+
+def load_device_backbone(model, cfg: PrivateLoRAConfig) -> Backbone:
+    """The backbone as a device loads it: from a safetensors checkpoint only the
+    embedding, final norm, LM head and its own layers (the cloud's are never read)."""
+    from transformers import AutoConfig
+    if isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        n = AutoConfig.from_pretrained(model, local_files_only=True).num_hidden_layers
+        return load_backbone(model, dtype=cfg.torch_dtype, layers=device_layers(cfg, n))
+    return load_backbone(model, dtype=cfg.torch_dtype)
+
+
+def build_device(model="tiny", cfg: PrivateLoRAConfig | None = None, adapter=None) -> DevicePart:
+    """One user's device part, loaded the way a device loads it (``load_device_backbone``)."""
+    cfg = resolve_config(cfg, adapter)
+    backbone = load_device_backbone(model, cfg)
+    return DevicePart(backbone, cfg, load_user_adapter(backbone, cfg, adapter))
 
 
 def build_split(model="tiny", cfg: PrivateLoRAConfig | None = None, adapter=None,
