@@ -402,14 +402,16 @@ def add_commands(sub):
                          description="For each user count: the limit (the backbone's layers decoding N sequences in "
                                      "one plain batched forward), ours (N edge actors over TCP, stages batched by the "
                                      "scheduler) and paper-style (the same actors, every stage alone). Prints tokens/s, "
-                                     "time to first token and the backbone's busy fraction.")
+                                     "time to first token and the backbone's busy fraction. Over an emulated link (--link) each "
+                                     "row also gets the model's prediction: the same users' loopback step, "
+                                     "measured right after, plus the link model's time for the step's round trips.")
     th.add_argument("--geometry", choices=["bench", "tiny"], default="bench",
                     help="bench: 7B proportions, CPU-sized, 16 layers (built once into the cache, ~0.9 GB); "
                          "tiny: the shipped model")
     th.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts (default 1,2,4,8,16)")
     th.add_argument("--link", default="loopback", help="loopback, lan, wifi, 5g, 4g (emulated on each device's link)")
     th.add_argument("--new-tokens", type=int, default=32, help="tokens each user decodes (default 32)")
-    th.add_argument("--prompt-tokens", type=int, default=16)
+    th.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of every user (default 16)")
     th.add_argument("--gather-ms", type=float, default=10.0,
                     help="ours: the longest a stage waits for its owed members (default 10, as serve)")
     th.add_argument("--merge", action="store_true",
@@ -421,7 +423,7 @@ def add_commands(sub):
     th.add_argument("--no-hf", action="store_true", help="skip the transformers cloud-only reference")
     th.add_argument("--plot", metavar="FILE.png", help="also draw the curves (needs matplotlib)")
     th.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
-    th.add_argument("--json", action="store_true")
+    th.add_argument("--json", action="store_true", help="print one JSON object (progress stays on stderr)")
 
     def run_throughput(args):
         from .config import UsageError
