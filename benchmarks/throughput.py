@@ -8,6 +8,7 @@ Writes benchmarks/results/throughput-{loopback,loopback-host,5g}.{json,png} and 
 The figures in the README's Performance section come from this script.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,13 +20,20 @@ OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    OUT.mkdir(exist_ok=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", default="bench", choices=["bench", "tiny"])
+    ap.add_argument("--users", default="1,2,4,8,16")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and plots go")
+    args = ap.parse_args()
+    users = tuple(int(u) for u in args.users.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
     runs = {"loopback": dict(link="loopback"), "loopback-host": dict(link="loopback", edge_hosts=1, hf=False),
             "5g": dict(link="5g", hf=False)}
     for name, kw in runs.items():
-        r = run("bench", users=(1, 2, 4, 8, 16), new_tokens=32, **kw)
-        (OUT / f"throughput-{name}.json").write_text(json.dumps(r, indent=1))
-        plot(r, str(OUT / f"throughput-{name}.png"))
+        r = run(args.geometry, users=users, new_tokens=args.new_tokens, **kw)
+        (args.out / f"throughput-{name}.json").write_text(json.dumps(r, indent=1))
+        plot(r, str(args.out / f"throughput-{name}.png"))
         print(json.dumps(r), flush=True)
     return None
 
