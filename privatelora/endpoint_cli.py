@@ -116,8 +116,9 @@ async def connect_client(host: str, port: int, args, link=None):
 
 
 def cmd_edge(args) -> dict:
-    from .api import build_split
+    from .api import load_device_backbone, load_user_adapter, resolve_config
     from .cli import _decode, _prompt_ids
+    from .device import DevicePart
     from .config import UsageError
     from .generation import SamplingParams
     from .link import get_profile
@@ -131,8 +132,9 @@ def cmd_edge(args) -> dict:
         link = get_profile(args.link)
     except ValueError as e:
         raise UsageError(str(e))
-    split = build_split(args.model, _cfg(args), args.adapter)
-    bb = split.backbone
+    cfg = resolve_config(_cfg(args), args.adapter)
+    bb = load_device_backbone(args.model, cfg)        # a device reads only its own tensors
+    device = DevicePart(bb, cfg, load_user_adapter(bb, cfg, args.adapter))
     ids = _prompt_ids(bb, args)
     stop = (bb.tokenizer.eos_token_id,) if bb.tokenizer is not None and bb.tokenizer.eos_token_id is not None else ()
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -142,7 +144,7 @@ def cmd_edge(args) -> dict:
         client = await connect_client(host, port, args, link=link)
         try:
             t0 = time.perf_counter()
-            gen = await run_remote(client, split.device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)
+            gen = await run_remote(client, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)
             dt = time.perf_counter() - t0
         except RemoteError as e:
             raise UsageError(f"the cloud refused the session: {e}")
