@@ -5,8 +5,9 @@ backbone pinned to its own cores:
 
 - **limit**: the backbone's decoder layers decoding B sequences in one ordinary batched
   forward (``limit_decode``): no split, no adapter, no network, dense batched attention
-  over equal-length caches. Our own block's math, the fastest plain forward we have on a
-  CPU (HF's forward, also reported, is slower);
+  over equal-length caches (full attention: a sliding window is not applied, so beyond a
+  window it is a timing, not the model). Our own block's math, the fastest plain forward
+  we have on a CPU (HF's forward, also reported, is slower);
 - **ours** and **paper-style**: B edge actors over TCP, with and without cross-user
   batching. Their decode rate is counted from per-token arrival times (``decode_rate``).
 
