@@ -88,8 +88,6 @@ def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *
 def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback", new_tokens: int = 32,
         prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = False, hf: bool = True, dtype: str = "fp32",
         edge_hosts: int = 0, address=None, quiet: bool = False) -> dict:
-    import os
-
     import torch
 
     from privatelora.bench import GEOMETRIES, geometry_checkpoint
@@ -104,6 +102,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         raise UsageError("--edge-hosts must be >= 0")
     if new_tokens < 4:
         raise UsageError("--new-tokens must be at least 4 (the rate is measured after the first token)")
+    if dtype not in ("fp32", "fp16", "bf16", "int8"):
+        raise UsageError("--dtype must be fp32, fp16, bf16 or int8")
     profile = get_profile(link)
     t_start = time.time()
 
@@ -111,25 +111,21 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         if not quiet:
             print(f"[throughput {time.time() - t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    if dtype not in ("fp32", "fp16", "bf16", "int8"):
-        raise UsageError("--dtype must be fp32, fp16, bf16 or int8")
     model = geometry_checkpoint(geometry, quiet=quiet)
+    mc = _config(model)
     cfg = PrivateLoRAConfig(rank=RANKS[geometry])
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
         if address in (None, "local") else f"joining {address}")
     _connect(address)
-    pool = Pool(model, cfg, replicas=1, pin_cores=ncpu >= 2, gather_s=gather_ms / 1000)
+    pool = Pool(model, cfg, replicas=1, pin_cores=True, gather_s=gather_ms / 1000)   # pins where 2+ cores
     try:
         info = pool.infos[0]
         say(f"backbone replica up ({len(info['layers'])} cloud layers, cores {pool.cloud_cores or 'all'}); "
             f"starting {users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
         devices = _Devices(pool, users[-1], edge_hosts, dtype, say)
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, _config(model).vocab_size, (prompt_tokens,), generator=g).tolist()
-                   for _ in range(users[-1])]
+        prompts = [torch.randint(0, mc.vocab_size, (prompt_tokens,), generator=g).tolist() for _ in range(users[-1])]
         devices.decode([p[:4] for p in prompts], 4, 0.0, link)      # warm up: connections, caches
-        mc = _config(model)
         shaped = profile.shaped
         link_s = link_step_s(profile, len(info["layers"]), mc.hidden_size, cfg.rank, cfg.shared_a, dtype)
         rows = []

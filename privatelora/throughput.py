@@ -50,11 +50,11 @@ def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_i
     def forward(x, start):                                   # x [B, n, d]
         n = x.shape[1]
         cos, sin = rotary(x, torch.arange(start, start + n)[None])
-        cos, sin = cos[0], sin[0]
+        cos, sin = cos[0].repeat(users, 1), sin[0].repeat(users, 1)     # [users * n, hd], batch-major
         for j, lw in enumerate(layers):
             h = rms_norm(x, lw.ln1, lw.eps)
-            q = apply_rope(F.linear(h, lw.wq, lw.bq).view(users * n, H, hd), cos.repeat(users, 1), sin.repeat(users, 1))
-            k = apply_rope(F.linear(h, lw.wk, lw.bk).view(users * n, KV, hd), cos.repeat(users, 1), sin.repeat(users, 1))
+            q = apply_rope(F.linear(h, lw.wq, lw.bq).view(users * n, H, hd), cos, sin)
+            k = apply_rope(F.linear(h, lw.wk, lw.bk).view(users * n, KV, hd), cos, sin)
             v = F.linear(h, lw.wv, lw.bv).view(users, n, KV, hd)
             kc[j][:, :, start:start + n] = k.view(users, n, KV, hd).transpose(1, 2)
             vc[j][:, :, start:start + n] = v.transpose(1, 2)
