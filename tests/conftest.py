@@ -1,5 +1,14 @@
-import pytest
-import torch
+import os
+
+# Ray (2.60) enables token authentication for every new local cluster and writes
+# ~/.ray/auth_token the first time; it reads RAY_AUTH_MODE once, when it is imported. A
+# suite that starts its first cluster midway (a `ray start` head, a demo subprocess) would
+# leave the Ray already imported in this process in the wrong mode on a fresh machine:
+# run the whole suite, and every subprocess it starts, in token mode from the start.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from privatelora.models import load_backbone
 
