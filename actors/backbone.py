@@ -2,7 +2,7 @@
 
 A plain class, made remote by ``actors.pool``. It loads the backbone (on the GPU when Ray
 gives it one), starts a ``CloudEndpoint`` inside the actor's own event loop and reports
-its address. Devices talk to it over TCP, not through Ray calls (DESIGN.md 2.4); Ray only
+its address. Devices talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
 starts, places, watches and stops it.
 """
 
@@ -26,8 +26,8 @@ class BackboneReplica:
         torch.set_num_threads(max(1, threads))
         self.replica_id = replica_id
         self.cfg = PrivateLoRAConfig(**cfg)
-        from privatelora.cloud import CloudPart
-        from privatelora.models import load_backbone
+        from privatelora.runtime.cloud import CloudPart
+        from privatelora.model.loading import load_backbone
         backbone = load_backbone(model, dtype=self.cfg.torch_dtype)
         if torch.cuda.is_available():
             backbone.model.to("cuda")
@@ -43,7 +43,7 @@ class BackboneReplica:
         self.metrics_port, self.metrics, self.metrics_address = metrics_port, None, None
 
     async def start(self) -> dict:
-        from privatelora.serving import CloudEndpoint
+        from privatelora.serving.endpoint import CloudEndpoint
         from privatelora.transport import is_loopback, make_self_signed
         tls = {}
         if not is_loopback(self.host):
@@ -58,8 +58,8 @@ class BackboneReplica:
                                       idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s, **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
-        if self.metrics_port:     # this replica's own /metrics (privatelora.metrics), same host
-            from privatelora.metrics import instrument
+        if self.metrics_port:     # this replica's own /metrics (privatelora.serving.metrics), same host
+            from privatelora.serving.metrics import instrument
             self.metrics = instrument(self.endpoint)
             self.metrics_address = self.metrics.serve(self.metrics_port, self.host)
         await self.endpoint.start()
@@ -85,7 +85,7 @@ class BackboneReplica:
     async def limit(self, users: int, prompt_tokens: int, new_tokens: int, hf: bool = False) -> dict:
         """The plain batched forward on this replica's cores (``bench throughput``'s limit).
         Runs on the endpoint's worker thread, so it never overlaps a serving stage."""
-        from privatelora.throughput import hf_decode, limit_decode
+        from privatelora.bench.throughput import hf_decode, limit_decode
         model = self.backbone.model
         if hf:
             return await self.endpoint._in_worker(hf_decode, model, users, prompt_tokens, new_tokens)

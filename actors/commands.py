@@ -15,7 +15,7 @@ from privatelora.config import PrivateLoRAConfig, UsageError
 from privatelora.placement import CLOUD
 from privatelora.placement.cluster import connect
 
-from .pool import Pool
+from privatelora.actors.pool import Pool
 
 
 def _connect(address):
@@ -38,7 +38,7 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
     pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
                 idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port)
     if sd_file:     # Prometheus file_sd: one target per replica, labelled replica="i"
-        from privatelora.metrics import write_sd_file
+        from privatelora.serving.metrics import write_sd_file
         write_sd_file(sd_file, [(*i["metrics"], i["replica"]) for i in pool.infos])
     ready = {"event": "serving", "replicas": [{k: v for k, v in i.items() if k != "cert_pem"} | {"tls": bool(i["cert_pem"])}
                                               for i in pool.infos],
@@ -68,9 +68,9 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
 
 def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16, address=None,
          quiet: bool = False) -> dict:
-    from privatelora.accounting import naive_numbers_per_token_per_layer
-    from privatelora.demo import PROMPTS, print_users
-    from privatelora.models import load_backbone
+    from privatelora.runtime.accounting import naive_numbers_per_token_per_layer
+    from privatelora.runtime.demo import PROMPTS, print_users
+    from privatelora.model.loading import load_backbone
 
     if users < 1:
         raise UsageError("--users must be at least 1")

@@ -57,8 +57,8 @@ class EdgeActor:
     async def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int = 0) -> dict:
         """Generate for this user; ``prompt`` is text or a list of token ids."""
-        from privatelora.generation import SamplingParams
-        from privatelora.serving import run_remote
+        from privatelora.model.sampling import SamplingParams
+        from privatelora.serving.remote import run_remote
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt, add_special_tokens=False)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -96,8 +96,8 @@ class EdgeActor:
         import asyncio
 
         from privatelora import wire
-        from privatelora.generation import SamplingParams
-        from privatelora.serving import run_remote
+        from privatelora.model.sampling import SamplingParams
+        from privatelora.serving.remote import run_remote
         info = await self.router.route.remote()
         try:
             client = await self._client(info, link)
@@ -134,9 +134,9 @@ class EdgeHost(EdgeActor):
         self.node = require_edge_node()           # before any private state exists
         import torch
 
-        from privatelora.adapters import PrivateAdapter
+        from privatelora.model.adapters import PrivateAdapter
         from privatelora.config import PrivateLoRAConfig
-        from privatelora.device import DevicePart
+        from privatelora.runtime.device import DevicePart
         from privatelora.api import load_device_backbone
         torch.set_num_threads(1)
         if not users or len(set(users)) != len(users):

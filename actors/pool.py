@@ -16,9 +16,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from privatelora.config import PrivateLoRAConfig
 from privatelora.placement import CLOUD, EDGE
 
-from .backbone import BackboneReplica
-from .edge import EdgeActor, EdgeHost
-from .router import Router
+from privatelora.actors.backbone import BackboneReplica
+from privatelora.actors.edge import EdgeActor, EdgeHost
+from privatelora.actors.router import Router
 
 
 def replica_host() -> str:

@@ -5,7 +5,7 @@ device work never steals the cloud's CPU) and N edge actors (pinned to the other
 over the TCP transport. For each user count B, in this order, on the same warm replica:
 
 1. limit: ``BackboneReplica.limit`` runs the plain batched forward of B sequences on the
-   replica's own worker thread (``privatelora.throughput.limit_decode``);
+   replica's own worker thread (``privatelora.bench.throughput.limit_decode``);
 2. ours: B edge actors decode together, the scheduler batching their stages;
 3. paper-style: the same B actors with ``max_batch=1`` and no gathering: every stage
    runs alone, as the paper's reference code serves one device at a time.
@@ -23,12 +23,12 @@ import privatelora.actors  # noqa: F401  (Ray's auth mode, before Ray is importe
 import ray
 
 from privatelora.config import PrivateLoRAConfig, UsageError
-from privatelora.throughput import decode_rate, link_step_s, predict_tps
+from privatelora.bench.throughput import decode_rate, link_step_s, predict_tps
 
-from .commands import _connect
-from .pool import Pool
+from privatelora.actors.commands import _connect
+from privatelora.actors.pool import Pool
 
-RANKS = {"bench": 32, "tiny": 16}      # DESIGN.md section 6
+RANKS = {"bench": 32, "tiny": 16}      # privatelora/bench/geometry.py
 EDGE_WAVE = 8                          # edge actors started at once (each loads the backbone once)
 
 
@@ -90,8 +90,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         edge_hosts: int = 0, address=None, quiet: bool = False) -> dict:
     import torch
 
-    from privatelora.bench import GEOMETRIES, geometry_checkpoint
-    from privatelora.link import get_profile
+    from privatelora.bench.geometry import GEOMETRIES, geometry_checkpoint
+    from privatelora.transport.link import get_profile
 
     users = sorted(set(users))
     if not users or users[0] < 1:
@@ -175,6 +175,6 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
 def _config(model: str):
     from transformers import AutoConfig
     if model == "tiny":
-        from privatelora.models import load_backbone
+        from privatelora.model.loading import load_backbone
         return load_backbone("tiny").config
     return AutoConfig.from_pretrained(model, local_files_only=True)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from privatelora.actors.throughput import run
-from privatelora.throughput import plot
+from privatelora.bench.throughput import plot
 
 OUT = Path(__file__).parent / "results"
 

@@ -9,7 +9,7 @@ unless the Ray node it runs on carries the edge resource.
 
 from __future__ import annotations
 
-from . import EDGE, PlacementError
+from privatelora.placement import EDGE, PlacementError
 
 
 def walk_tensors(obj, path: str = "obj", _seen=None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import CLOUD, EDGE
+from privatelora.placement import CLOUD, EDGE
 
 
 def auth_env() -> dict:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import PrivateAdapter, config_from_adapter, load_adapter
-from .cloud import CloudPart
-from .config import PrivateLoRAConfig
-from .device import DevicePart
-from .models import Backbone, load_backbone
+from privatelora.config import PrivateLoRAConfig
+from privatelora.model.adapters import PrivateAdapter, config_from_adapter, load_adapter
+from privatelora.model.loading import Backbone, load_backbone
+from privatelora.runtime.cloud import CloudPart
+from privatelora.runtime.device import DevicePart
 
 
 @dataclass
@@ -43,7 +43,7 @@ def resolve_config(cfg: PrivateLoRAConfig | None, adapter) -> PrivateLoRAConfig:
 def load_user_adapter(backbone: Backbone, cfg: PrivateLoRAConfig, adapter) -> PrivateAdapter:
     if isinstance(adapter, PrivateAdapter):
         if adapter.fingerprint != backbone.fingerprint:
-            from .adapters import AdapterError
+            from privatelora.model.adapters import AdapterError
             raise AdapterError("adapter was made for another backbone")
         return adapter
     if adapter is None:

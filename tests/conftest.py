@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from privatelora.models import load_backbone
+from privatelora.model.loading import load_backbone
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

@@ -1,14 +1,16 @@
 import pytest
 import torch
 
-from privatelora.accounting import naive_numbers_per_token_per_layer, privatelora_numbers_per_token_per_layer
-from privatelora.adapters import AdapterError, PrivateAdapter, PublicProjections, load_adapter, save_adapter
+from privatelora.runtime.accounting import naive_numbers_per_token_per_layer, privatelora_numbers_per_token_per_layer
+from privatelora.model.adapters import AdapterError, PrivateAdapter, load_adapter, save_adapter
+from privatelora.model.projections import PublicProjections
 from privatelora.api import build_split
 from privatelora.config import ConfigError, PrivateLoRAConfig
-from privatelora.generation import Generation, SamplingParams
-from privatelora.models import ModelLoadError, load_backbone
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
+from privatelora.model.loading import ModelLoadError, load_backbone
 from privatelora.privacy import PRIVATE_PREFIX, is_private
-from privatelora.runner import InProcessRunner
+from privatelora.runtime.runner import InProcessRunner
 
 
 def test_projections_are_public_and_deterministic(backbones):
@@ -100,7 +102,7 @@ def test_bytes_per_token_per_layer_match_design_arithmetic(backbones, shared_a, 
     c = g.device.comm
     cloud_layers = len(split.cloud.layer_ids)
     assert sorted(c.to_cloud) == split.cloud.layer_ids
-    # DESIGN.md section 5: 3r down + 3r up (6r); with shared A: r down + 3r up (4r)
+    # 3r down + 3r up (6r); with shared A: r down + 3r up (4r)
     want = privatelora_numbers_per_token_per_layer(r, ("q", "k", "v"), shared_a)
     assert want["total"] == (4 * r if shared_a else 6 * r)
     tokens = 10 + 5   # prompt + 5 decode steps go through the cloud (the 6th token is not handed in)

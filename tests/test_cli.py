@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from privatelora.cli import main
-from privatelora.zoo import byte_tokenizer, tiny_random
+from privatelora.cli.main import main
+from privatelora.model.zoo import byte_tokenizer, tiny_random
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,16 @@
 
 import torch
 
-from privatelora import reference
-from privatelora.adapters import PrivateAdapter
-from privatelora.cloud import CloudPart
+from privatelora.model import reference
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.runtime.cloud import CloudPart
 from privatelora.config import PrivateLoRAConfig
-from privatelora.device import DevicePart
-from privatelora.generation import Generation, SamplingParams
+from privatelora.runtime.device import DevicePart
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
 from privatelora.placement.checks import walk_tensors
 from privatelora.privacy import PRIVATE_PREFIX, is_private
-from privatelora.protocol import Activations, Error, Handoff, Reply
+from privatelora.runtime.messages import Activations, Error, Handoff, Reply
 
 
 def test_cloud_state_holds_no_private_tensor(backbones):

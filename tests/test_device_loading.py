@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from privatelora.adapters import save_adapter
+from privatelora.model.adapters import save_adapter
 from privatelora.api import build_device, build_split
 from privatelora.config import PrivateLoRAConfig
-from privatelora.generation import Generation, SamplingParams
-from privatelora.models import ModelLoadError, load_backbone
-from privatelora.runner import InProcessRunner
-from privatelora.zoo import byte_tokenizer, tiny_random
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
+from privatelora.model.loading import ModelLoadError, load_backbone
+from privatelora.runtime.runner import InProcessRunner
+from privatelora.model.zoo import byte_tokenizer, tiny_random
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from privatelora import link, transport as tp, wire
+from privatelora.transport import link
+from privatelora import transport as tp, wire
 from privatelora.wire import Activations, Geometry, Handoff, Reply
 
 G = Geometry(hidden=512, rank=8, targets=("q", "k", "v"), shared_a=True, layers=(0,),

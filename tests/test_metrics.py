@@ -22,15 +22,17 @@ import urllib.request
 import pytest
 
 from privatelora import wire
-from privatelora.accounting import naive_numbers_per_token_per_layer
-from privatelora.adapters import PrivateAdapter, out_features
+from privatelora.runtime.accounting import naive_numbers_per_token_per_layer
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.model.projections import out_features
 from privatelora.api import build_split
 from privatelora.config import PrivateLoRAConfig
-from privatelora.device import DevicePart
-from privatelora.generation import SamplingParams
-from privatelora.metrics import LABELS, instrument, write_sd_file
-from privatelora.models import load_backbone
-from privatelora.serving import CloudEndpoint, run_remote
+from privatelora.runtime.device import DevicePart
+from privatelora.model.sampling import SamplingParams
+from privatelora.serving.metrics import LABELS, instrument, write_sd_file
+from privatelora.model.loading import load_backbone
+from privatelora.serving.endpoint import CloudEndpoint
+from privatelora.serving.remote import run_remote
 from privatelora.transport import Client
 
 # (prompt length, max new tokens, wire dtype, connection, start delay s)
@@ -211,6 +213,6 @@ def test_instrument_refuses_a_second_subscriber_and_metrics_import_no_ray():
     instrument(ep)
     with pytest.raises(ValueError):
         instrument(ep)
-    r = subprocess.run([sys.executable, "-c", "import sys, privatelora.metrics; print('ray' in sys.modules)"],
+    r = subprocess.run([sys.executable, "-c", "import sys, privatelora.serving.metrics; print('ray' in sys.modules)"],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr

@@ -1,4 +1,4 @@
-from privatelora import perfmodel as pm
+from privatelora.bench import perfmodel as pm
 
 
 def test_paper_formula_reproduces_the_published_speeds_within_3_percent():
@@ -7,8 +7,15 @@ def test_paper_formula_reproduces_the_published_speeds_within_3_percent():
         assert abs(got / want - 1) <= 0.03, (name, got, want)
 
 
-def test_device_only_7b_figure():
-    assert abs(pm.device_only_tps("7b") - pm.PAPER_DEVICE_ONLY_7B) < 0.05
+def test_device_only_figures_the_calibration_does_not_fix():
+    # The phone's bandwidth efficiency is fitted to the paper's 7B figure (8.1 tokens/s), so
+    # that one holds by construction; the 13B and 30B figures are predictions of the same
+    # constant and are checked against the paper's 4.2 and 1.7.
+    assert pm.CALIBRATED_ON == "7b" and abs(pm.device_only_tps("7b") - 8.1) < 1e-9
+    for name in ("13b", "30b"):
+        got, want = pm.device_only_tps(name), pm.PAPER_DEVICE_ONLY[name]
+        assert abs(got / want - 1) <= 0.03, (name, got, want)
+    assert 0.5 < pm.DEVICE_BW_EFFICIENCY < 0.8                      # a plausible share of peak bandwidth
     assert pm.paper_tps("7b") / pm.device_only_tps("7b") > 3      # the paper's "over 300%"
 
 

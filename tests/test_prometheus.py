@@ -185,8 +185,9 @@ def _load(port: int) -> int:
 
     from privatelora.api import build_split
     from privatelora.config import PrivateLoRAConfig
-    from privatelora.generation import SamplingParams
-    from privatelora.serving import run_remote, session_geometry
+    from privatelora.model.sampling import SamplingParams
+    from privatelora.serving.remote import run_remote
+    from privatelora.wire import session_geometry
     from privatelora.transport import Client
 
     torch.set_num_threads(1)

@@ -13,16 +13,17 @@ import privatelora.actors  # noqa: F401  (sets Ray's auth mode before Ray is imp
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from privatelora import reference, wire
+from privatelora.model import reference
+from privatelora import wire
 from privatelora.actors.pool import Pool
-from privatelora.adapters import PrivateAdapter
-from privatelora.generation import SamplingParams
-from privatelora.models import load_backbone
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.model.sampling import SamplingParams
+from privatelora.model.loading import load_backbone
 from privatelora.placement import CLOUD, EDGE
 from privatelora.placement.checks import audit_frames
 from privatelora.placement.cluster import local_cluster, nodes_with
 from privatelora.config import PrivateLoRAConfig
-from privatelora.serving import session_geometry
+from privatelora.wire import session_geometry
 
 USERS = 8
 CFG = PrivateLoRAConfig(rank=16)
@@ -206,8 +207,26 @@ def test_killed_or_silent_devices_free_their_kv_cache(system, tiny):
         writer.write(wire.encode(wire.Handoff(sid, 0, torch.randn(3, tiny.config.hidden_size)), key=key,
                                  direction="up", geometry=geometry))
         await writer.drain()
-        await _read_frame(reader)                        # the first activations; never answered
-        assert ray.get(replica.stats.remote())["kv_bytes"] == 0 or True
+        # a whole prefill (M = 0: zero replies), so the session's KV cache holds 3 positions of
+        # every cloud layer; then one more token's first activations, never answered
+        kinds = []
+        while not kinds or kinds[-1] != "handoff":
+            msg = wire.decode(await _read_frame(reader), direction="down", geometry_for=lambda s: geometry,
+                              key_for=lambda s: key)
+            kinds.append(wire.kind_of(type(msg)).name)
+            if isinstance(msg, wire.Activations):
+                zero = tuple(torch.zeros(3, geometry.rank) for _ in geometry.targets)
+                writer.write(wire.encode(wire.Reply(sid, msg.layer, zero), key=key, direction="up", geometry=geometry))
+                await writer.drain()
+        assert kinds == ["activations"] * len(geometry.layers) + ["handoff"]
+        writer.write(wire.encode(wire.Handoff(sid, 3, torch.randn(1, tiny.config.hidden_size)), key=key,
+                                 direction="up", geometry=geometry))
+        await writer.drain()
+        await _read_frame(reader)                        # the next token's first activations; never answered
+        held = ray.get(replica.stats.remote())
+        per_position = 2 * len(geometry.layers) * tiny.config.num_key_value_heads * \
+            (getattr(tiny.config, "head_dim", None) or tiny.config.hidden_size // tiny.config.num_attention_heads) * 4
+        assert held["sessions"] == 1 and held["kv_bytes"] >= 3 * per_position, held
         t0 = time.time()
         while ray.get(replica.stats.remote())["sessions"] and time.time() - t0 < 15:
             await asyncio.sleep(0.2)

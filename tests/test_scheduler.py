@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from privatelora.scheduler import Busy, Scheduler, UnknownSession
+from privatelora.serving.scheduler import Busy, Scheduler, UnknownSession
 
 
 def test_scheduler_imports_neither_torch_nor_ray():
-    code = "import sys, privatelora.scheduler; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    code = "import sys, privatelora.serving.scheduler; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -6,13 +6,14 @@ Tolerance: logits agree within 1e-4 (max abs, fp32); greedy tokens are identical
 import pytest
 import torch
 
-from privatelora import reference
-from privatelora.adapters import PrivateAdapter
-from privatelora.cloud import CloudPart
+from privatelora.model import reference
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.runtime.cloud import CloudPart
 from privatelora.config import PrivateLoRAConfig
-from privatelora.device import DevicePart
-from privatelora.generation import Generation, SamplingParams
-from privatelora.runner import InProcessRunner
+from privatelora.runtime.device import DevicePart
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
+from privatelora.runtime.runner import InProcessRunner
 
 TOL = 1e-4
 VARIANTS = {

@@ -8,15 +8,18 @@ import sys
 
 import pytest
 
-from privatelora import bench
-from privatelora.adapters import PrivateAdapter, save_adapter
+from privatelora.bench import comm as bench_comm, fidelity as bench_fidelity, link as bench_link
+from privatelora.bench.geometry import geometry_model
+from privatelora.model.adapters import PrivateAdapter, save_adapter
 from privatelora.api import build_split
 from privatelora.config import PrivateLoRAConfig
-from privatelora.device import DevicePart
-from privatelora.generation import Generation, SamplingParams
-from privatelora.models import load_backbone
-from privatelora.runner import InProcessRunner
-from privatelora.serving import CloudEndpoint, run_remote
+from privatelora.runtime.device import DevicePart
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
+from privatelora.model.loading import load_backbone
+from privatelora.runtime.runner import InProcessRunner
+from privatelora.serving.endpoint import CloudEndpoint
+from privatelora.serving.remote import run_remote
 from privatelora.transport import Client, RemoteError, make_self_signed
 
 CLI = [sys.executable, "-m", "privatelora.cli"]
@@ -101,16 +104,16 @@ def test_endpoint_batches_users_refuses_mismatch_and_speaks_tls(tmp_path):
 
 @pytest.fixture(scope="module")
 def seven_b():
-    return bench.geometry_model("7b")
+    return geometry_model("7b")
 
 
 def test_bench_comm_7b_reductions(seven_b):
-    fp16 = bench.comm("7b", rank=128, dtype="fp16", new_tokens=4, quiet=True, backbone=seven_b)
-    assert fp16["raw_bytes_per_token_per_layer"] == 6 * 128 * 2          # DESIGN.md 5: 6r numbers, fp16
+    fp16 = bench_comm.comm("7b", rank=128, dtype="fp16", new_tokens=4, quiet=True, backbone=seven_b)
+    assert fp16["raw_bytes_per_token_per_layer"] == 6 * 128 * 2          # 6r numbers, fp16
     assert fp16["naive_bytes_per_token_per_layer"] == 4 * 4096 * 2       # 4d numbers, fp16
     assert fp16["framing_bytes_per_token_per_layer"] > 0                 # framing is counted
     assert fp16["reduction"] >= 0.95
-    int8 = bench.comm("7b", rank=128, shared_a=True, dtype="int8", new_tokens=4, quiet=True, backbone=seven_b)
+    int8 = bench_comm.comm("7b", rank=128, shared_a=True, dtype="int8", new_tokens=4, quiet=True, backbone=seven_b)
     assert int8["raw_bytes_per_token_per_layer"] == 4 * 128              # 4r numbers, 1 byte
     assert int8["reduction"] >= 0.98
 
@@ -118,12 +121,12 @@ def test_bench_comm_7b_reductions(seven_b):
 @pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["tiny", "bench"])
 def test_5g_decode_rate_matches_link_model(geometry):
-    r = bench.link(geometry, "5g", new_tokens=24, quiet=True)
+    r = bench_link.link(geometry, "5g", new_tokens=24, quiet=True)
     assert abs(r["measured_over_predicted_time"] - 1) <= 0.15, r
 
 
 def test_int8_transport_fidelity_on_the_shipped_tiny_model():
-    r = bench.fidelity("tiny", "int8", positions=256, free_tokens=32)
+    r = bench_fidelity.fidelity("tiny", "int8", positions=256, free_tokens=32)
     assert r["model"] == "tiny" and r["positions"] == 256
     assert r["argmax_agreement"] >= 0.99, r
     assert r["max_abs_logit_error"] > 0          # int8 really was on the wire

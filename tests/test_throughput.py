@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from privatelora.scheduler import Scheduler
-from privatelora.throughput import decode_rate, limit_decode, link_step_s, predict_tps
+from privatelora.serving.scheduler import Scheduler
+from privatelora.bench.throughput import decode_rate, limit_decode, link_step_s, predict_tps
 
 
 def test_limit_forward_equals_the_hf_decoder_layers(backbones, one_thread):
@@ -64,7 +64,7 @@ def test_max_batch_one_serves_every_session_alone():
 
 
 def test_set_policy_switches_between_batched_and_one_at_a_time():
-    from privatelora.serving import CloudEndpoint
+    from privatelora.serving.endpoint import CloudEndpoint
 
     ep = CloudEndpoint(object(), training=False)   # the endpoint only stores the cloud until it serves
     ep.set_policy(gather_s=0.0, max_batch=1)

@@ -13,20 +13,22 @@ import pytest
 import torch
 
 from privatelora import wire
-from privatelora.adapters import PrivateAdapter
-from privatelora.cloud import CloudPart
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.runtime.cloud import CloudPart
 from privatelora.config import PrivateLoRAConfig
-from privatelora.device import DevicePart
-from privatelora.generation import Generation, SamplingParams
+from privatelora.runtime.device import DevicePart
+from privatelora.runtime.generation import Generation
+from privatelora.model.sampling import SamplingParams
 from privatelora.privacy import is_private, mark_private
-from privatelora.runner import InProcessRunner
-from privatelora.serving import CloudEndpoint, run_remote, session_geometry
-from privatelora.training import (CloudTrainer, TrainingError, TrainStep, monolithic_loss_and_grads, run_step,
-                                  run_step_remote)
+from privatelora.runtime.runner import InProcessRunner
+from privatelora.serving.endpoint import CloudEndpoint
+from privatelora.serving.remote import run_remote
+from privatelora.wire import session_geometry
+from privatelora.training.cloud import CloudTrainer, TrainingError
+from privatelora.training.device import TrainStep, monolithic_loss_and_grads, run_step, run_step_remote
 from privatelora.transport import Client
 from privatelora.wire import Activations, Error, Handoff, PrivacyError, Reply
-from privatelora.wire_train import (GradActivations, GradDone, GradHandoff, GradInput, GradReply,
-                                    TrainHandoff)
+from privatelora.runtime.train_messages import GradActivations, GradDone, GradHandoff, GradInput, GradReply, TrainHandoff
 
 REL_TOL = 1e-5
 VARIANTS = {
@@ -234,7 +236,7 @@ def test_gradients_never_travel_int8_and_down_frames_check_geometry():
     with pytest.raises(wire.GeometryError):
         wire.encode(GradReply(7, 1, (torch.zeros(2, 4),) * 2), key=KEY, direction="down", geometry=G)
     for kind_cls, d in ((GradHandoff, "down"), (GradReply, "up"), (TrainHandoff, "down")):
-        assert d not in kind_cls.DIRECTIONS
+        assert d not in wire.kind_of(kind_cls).directions
 
 
 def test_gradient_frames_decoder_raises_only_wire_errors():
@@ -260,7 +262,7 @@ def test_gradient_frames_decoder_raises_only_wire_errors():
     for obj in ({"lengths": [1, "x"], "hidden": [], "backward": True}, {"lengths": [0], "hidden": None, "backward": 1},
                 {"lengths": list(range(1, 100)), "hidden": [0, 1, 1, 32, b""], "backward": True}):
         body = msgpack.packb(obj, use_bin_type=True)
-        signed = wire.HEADER.pack(wire.VERSION, TrainHandoff.KIND, 0, 0, 7) + body
+        signed = wire.HEADER.pack(wire.VERSION, wire.kind_of(TrainHandoff).code, 0, 0, 7) + body
         frame = wire.PREFIX.pack(len(signed) + 16) + signed + hmac.digest(KEY, signed, "sha256")[:16]
         with pytest.raises(wire.WireError):
             wire.decode(frame, direction="up", geometry_for=lambda s: G, key_for=lambda s: KEY)

@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privatelora import tuning
-from privatelora.cli import main
-from privatelora.models import load_backbone
+from privatelora.bench.tuning import METHODS, bench_tuning
+from privatelora.training.baselines import LoRAMethod, Untuned
+from privatelora.training.data import DATA_DIR, load_corpus, read_text, sample_batch, split_tokens
+from privatelora.cli.main import main
+from privatelora.model.loading import load_backbone
 
 CLI = [sys.executable, "-m", "privatelora.cli"]
 
@@ -29,35 +31,35 @@ def tiny():
 
 
 def test_bundled_texts_are_committed_with_their_licence():
-    readme = (tuning.DATA_DIR / "README.md").read_text()
+    readme = (DATA_DIR / "README.md").read_text()
     assert "CC BY 2.5" in readme and "Open Knowledge Foundation, Open Shakespeare / Open Milton" in readme
-    name, text = tuning.read_text("sonnets")
+    name, text = read_text("sonnets")
     assert name == "sonnets" and "From fairest creatures we desire increase" in text
-    name, text = tuning.read_text("paradise_lost")
+    name, text = read_text("paradise_lost")
     assert "Of Mans First Disobedience" in text and len(text) > 400_000
 
 
 def test_splits_are_contiguous_and_disjoint(tiny, tmp_path):
     ids = torch.arange(1000)
-    c = tuning.split_tokens("x", ids, 0.1, 0.1)
+    c = split_tokens("x", ids, 0.1, 0.1)
     assert torch.equal(torch.cat([c.train, c.val, c.test]), ids) and c.sizes() == {"train": 800, "val": 100, "test": 100}
     g = torch.Generator().manual_seed(0)
-    inputs, labels = tuning.sample_batch(c.train, 4, 16, g)
+    inputs, labels = sample_batch(c.train, 4, 16, g)
     assert all(len(x) == 16 and x[1:] == y[:-1] and max(y) < 800 for x, y in zip(inputs, labels))
     path = tmp_path / "mine.txt.gz"
     path.write_bytes(gzip.compress(("to be or not to be " * 400).encode()))
-    c = tuning.load_corpus(str(path), tiny.tokenizer, seq=32)
+    c = load_corpus(str(path), tiny.tokenizer, seq=32)
     assert len(c.train) > len(c.val) > 32
 
 
 def test_lora_baseline_starts_at_the_base_model_and_counts_parameters(tiny):
     cfg = tiny.config
-    lora = tuning.LoRAMethod(tiny, rank=16, alpha=32)
+    lora = LoRAMethod(tiny, rank=16, alpha=32)
     d, hd = cfg.hidden_size, cfg.head_dim
     per_layer = 16 * (d + cfg.num_attention_heads * hd) + 2 * 16 * (d + cfg.num_key_value_heads * hd)
     assert lora.num_params == cfg.num_hidden_layers * per_layer
     ids = [list(range(5, 40))]
-    base = tuning.Untuned(tiny)
+    base = Untuned(tiny)
     assert abs(lora.evaluate(ids, [x[1:] + [2] for x in ids]) - base.evaluate(ids, [x[1:] + [2] for x in ids])) < 1e-4
     # hooks live on a private copy: the shared backbone has none
     assert all(not m._forward_hooks for m in tiny.model.modules())
@@ -103,11 +105,11 @@ def test_tune_refuses_a_missing_output_directory_and_an_empty_file(tmp_path, cap
 
 
 def test_bench_tuning_reports_every_method_and_the_gain_recovered(tiny):
-    res = tuning.bench_tuning(users=("sonnets",), rank=4, steps=2, batch=2, seq=32, eval_tokens=64,
+    res = bench_tuning(users=("sonnets",), rank=4, steps=2, batch=2, seq=32, eval_tokens=64,
                               quiet=True, backbone=tiny)
     (user,) = res["users"]
     rows = {r["method"]: r for r in user["results"]}
-    assert list(rows) == list(tuning.METHODS)
+    assert list(rows) == list(METHODS)
     assert rows["privatelora"]["params"] == rows["privatelora_shared_a"]["params"] == 4 * 3 * 16
     assert rows["full"]["params"] == sum(p.numel() for p in tiny.model.parameters())
     assert rows["untuned"]["params"] == 0

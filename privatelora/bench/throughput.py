@@ -1,0 +1,170 @@
+"""Throughput measurement pieces that need no Ray: the physical limit, windows, the model.
+
+``bench throughput`` (driven from ``privatelora.actors.throughput``) compares, on one
+backbone pinned to its own cores:
+
+- **limit**: the backbone's decoder layers decoding B sequences in one ordinary batched
+  forward (``limit_decode``): no split, no adapter, no network, dense batched attention
+  over equal-length caches (full attention: a sliding window is not applied, so beyond a
+  window it is a timing, not the model). Our own block's math, the fastest plain forward
+  we have on a CPU (HF's forward, also reported, is slower);
+- **ours** and **paper-style**: B edge actors over TCP, with and without cross-user
+  batching. Their decode rate is counted from per-token arrival times (``decode_rate``).
+
+``predict_tps`` is the model a run over an emulated link is compared with (see its
+docstring); ``perfmodel`` holds the paper's model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from privatelora.model.block import LayerWeights, apply_rope, finish_layer, rms_norm
+
+
+@torch.no_grad()
+def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_ids=None, seed: int = 0,
+                 prompt_hidden: torch.Tensor | None = None) -> dict:
+    """Decode ``users`` sequences through the decoder layers in one batched forward.
+
+    Returns the prefill time, the mean time of a decode step after it, and the per-layer
+    step time (what one cloud stage at this batch costs with no split overhead at all).
+    The inputs are random hidden states unless ``prompt_hidden`` [users, prompt, d] is
+    given; ``prefill_out`` is the layers' output for the prompt (tests compare it to HF).
+    """
+    cfg = model.config
+    ids = list(layer_ids) if layer_ids is not None else list(range(cfg.num_hidden_layers))
+    layers = [LayerWeights.from_hf(model.model.layers[i], cfg, i) for i in ids]
+    lw0 = layers[0]
+    H, KV, hd = lw0.n_heads, lw0.n_kv, lw0.head_dim
+    dtype = model.model.embed_tokens.weight.dtype
+    total = prompt_tokens + new_tokens
+    g = torch.Generator().manual_seed(seed)
+    kc = [torch.zeros(users, KV, total, hd, dtype=dtype) for _ in layers]
+    vc = [torch.zeros(users, KV, total, hd, dtype=dtype) for _ in layers]
+    rotary = model.model.rotary_emb
+
+    def forward(x, start):                                   # x [B, n, d]
+        n = x.shape[1]
+        cos, sin = rotary(x, torch.arange(start, start + n)[None])
+        cos, sin = cos[0].repeat(users, 1), sin[0].repeat(users, 1)     # [users * n, hd], batch-major
+        for j, lw in enumerate(layers):
+            h = rms_norm(x, lw.ln1, lw.eps)
+            q = apply_rope(F.linear(h, lw.wq, lw.bq).view(users * n, H, hd), cos, sin)
+            k = apply_rope(F.linear(h, lw.wk, lw.bk).view(users * n, KV, hd), cos, sin)
+            v = F.linear(h, lw.wv, lw.bv).view(users, n, KV, hd)
+            kc[j][:, :, start:start + n] = k.view(users, n, KV, hd).transpose(1, 2)
+            vc[j][:, :, start:start + n] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.view(users, n, H, hd).transpose(1, 2), kc[j][:, :, :start + n],
+                                               vc[j][:, :, :start + n], is_causal=n > 1,
+                                               scale=hd ** -0.5, enable_gqa=H != KV)
+            x = finish_layer(lw, x, o.transpose(1, 2).reshape(users, n, H * hd))
+        return x
+
+    d = cfg.hidden_size
+    x0 = torch.randn(users, prompt_tokens, d, generator=g, dtype=dtype) if prompt_hidden is None else prompt_hidden
+    t0 = time.perf_counter()
+    prefill_out = forward(x0, 0)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+        forward(torch.randn(users, 1, d, generator=g, dtype=dtype), prompt_tokens + i)
+    step = (time.perf_counter() - t0) / max(1, new_tokens)
+    return {"users": users, "prefill_s": prefill, "step_s": step, "layer_s": step / len(layers),
+            "tok_s": users / step, "prefill_out": prefill_out}
+
+
+@torch.no_grad()
+def hf_decode(model, users: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dict:
+    """The same decode through the whole HF model (``generate``-style loop, LM head
+    included): what a cloud-only service built on transformers would run."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (users, prompt_tokens), generator=g)
+    out = model(ids, use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    step = (time.perf_counter() - t0) / max(1, new_tokens)
+    return {"users": users, "step_s": step, "tok_s": users / step}
+
+
+def decode_rate(runs: list[dict]) -> dict:
+    """Aggregate decode tokens/s of concurrent users from their token arrival times.
+
+    ``runs``: one dict per user with ``token_times`` (wall-clock arrival of each generated
+    token) and ``started``. The window runs from the moment every user has its first
+    token to the moment the first user finishes: all users decode throughout it, so
+    the rate is the steady state, free of prefill and of stragglers' tails.
+    """
+    firsts = [r["token_times"][0] for r in runs]
+    ends = [r["token_times"][-1] for r in runs]
+    a, b = max(firsts), min(ends)
+    n = sum(1 for r in runs for t in r["token_times"] if a < t <= b)
+    ttft = sorted(r["token_times"][0] - r["started"] for r in runs)
+    if b <= a or n == 0:        # too few tokens for a shared window: whole-run rate
+        total = sum(len(r["token_times"]) - 1 for r in runs)
+        a, b, n = max(firsts), max(ends), total
+    return {"tok_s": n / (b - a) if b > a else 0.0, "window_s": b - a, "window_tokens": n,
+            "ttft_s": sum(ttft) / len(ttft), "ttft_max_s": ttft[-1]}
+
+
+def link_step_s(link, layers: int, hidden: int, rank: int, shared_a: bool, dtype: str) -> float:
+    """Time the link itself adds to one decode token: the hand-off up, per cloud layer
+    ``A h`` down and the reply up, the hand-off down, each waiting for the one before
+    (``link.predict_time`` on our framed bytes). Zero on loopback."""
+    from privatelora.bench.perfmodel import frame_bytes
+    from privatelora.transport.link import get_profile, predict_time
+    profile = get_profile(link)
+    if not profile.shaped:
+        return 0.0
+    f = frame_bytes(hidden, rank, shared_a, dtype)
+    step = [("up", f["handoff"])] + [("down", f["down_per_layer"]), ("up", f["up_per_layer"])] * layers \
+        + [("down", f["handoff"])]
+    return predict_time(profile, step)
+
+
+def predict_tps(users: int, loopback_tok_s: float, link_s: float) -> float:
+    """The model of ``bench throughput`` over a link: aggregate decode tokens/s of
+    ``users`` lockstep devices.
+
+    A decode step of the cohort costs what it costs on loopback on this machine (the
+    backbone's stages at this batch, codec, scheduling, the devices' work: measured,
+    ``users / loopback_tok_s``) plus the time the link adds to the step's L + 1 sequential
+    round trips (``link_s``, from the link model). Each device has a link of its own, so
+    link time does not grow with users while the backbone's share does: the curve rises
+    about linearly while link time dominates and flattens where the backbone saturates,
+    at the loopback rate.
+    """
+    return users / (users / loopback_tok_s + link_s)
+
+
+def plot(result: dict, path: str) -> None:
+    """Tokens/s against users: limit, ours, paper-style (and the model over a link)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["results"]
+    u = [r["users"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(u, [r["limit_tok_s"] for r in rows], "k--o", label="limit: plain batched forward, no split")
+    who = f"{result['edge_hosts']} edge host(s)" if result.get("edge_hosts") else "an edge actor per user"
+    ax.plot(u, [r["ours_tok_s"] for r in rows], "-o", color="tab:blue", label=f"ours: {who}, batched stages")
+    ax.plot(u, [r["paper_style_tok_s"] for r in rows], "-s", color="tab:orange",
+            label="paper-style: one device per stage")
+    if "model_tok_s" in rows[0]:
+        ax.plot(u, [r["model_tok_s"] for r in rows], ":", color="tab:blue", label="model (loopback + link)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(u, [str(x) for x in u])
+    ax.set_xlabel("concurrent users")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title(f"{result['geometry']} geometry, {result['layers']} cloud layers, link {result['link']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""The ``bench`` commands' arguments and printers (the measurements live in
+``privatelora/bench/``).
+"""
+
+from __future__ import annotations
+
+from privatelora.bench.comm import comm
+from privatelora.bench.fidelity import fidelity
+from privatelora.bench.geometry import GEOMETRIES
+from privatelora.bench.link import link
+from privatelora.cli.common import stdout_kept_for_json
+from privatelora.config import UsageError
+
+
+def print_fidelity(r):
+    print(f"{r['model']}: {r['dtype']} activations ({r['handoff_dtype']} hand-offs) vs fp32, {r['positions']} positions")
+    print(f"  next-token argmax agreement {100 * r['argmax_agreement']:.2f}%; logit error mean "
+          f"{r['mean_abs_logit_error']:.4f}, max {r['max_abs_logit_error']:.4f} (mean |logit| {r['logit_scale']:.2f})")
+    d = r["first_divergence"]
+    print(f"  free-running greedy ({r['free_running_tokens']} tokens): "
+          + ("identical" if d is None else f"first differs at token {d}"))
+
+
+def print_link(r):
+    print(f"{r['geometry']} geometry ({r['adapted_layers']} cloud layers), link {r['link']}, {r['dtype']}:")
+    print(f"  predicted {r['predicted_tokens_per_s']:.2f} tok/s (loopback {1000 * r['loopback_s_per_token']:.1f} ms "
+          f"+ link {1000 * r['link_model_s_per_token']:.1f} ms per token)")
+    print(f"  measured  {r['measured_tokens_per_s']:.2f} tok/s ({100 * (r['measured_over_predicted_time'] - 1):+.1f}% time)")
+
+
+def print_comm(r):
+    print(f"{r['geometry']} geometry, rank {r['rank']}{', shared A' if r['shared_a'] else ''}, {r['dtype']} on the wire:")
+    print(f"  PrivateLoRA: {r['bytes_per_token_per_layer']:.0f} B per token per layer "
+          f"({r['to_device_bytes_per_token_per_layer']:.0f} down + {r['to_cloud_bytes_per_token_per_layer']:.0f} up, "
+          f"{r['framing_bytes_per_token_per_layer']:.0f} of it framing)")
+    print(f"  naive split: {r['naive_bytes_per_token_per_layer']} B ({r['naive_dtype']}, no framing counted)")
+    print(f"  reduction:   {100 * r['reduction']:.2f}%")
+
+
+def add_commands(sub):
+    b = sub.add_parser("bench", help="measured benchmarks (JSON with --json)")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
+    c = bsub.add_parser("comm", help="wire bytes per token per layer vs a naive split, over a real socket")
+    c.add_argument("--geometry", choices=sorted(GEOMETRIES), default="7b")
+    c.add_argument("--rank", type=int, default=128)
+    c.add_argument("--shared-a", action="store_true")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp16", help="wire dtype")
+    c.add_argument("--prompt-tokens", type=int, default=8)
+    c.add_argument("--new-tokens", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+
+    ln = bsub.add_parser("link", help="single-user decode rate over an emulated link vs the link model's prediction")
+    ln.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    ln.add_argument("--link", default="5g", help="loopback, lan, wifi, 5g, 4g")
+    ln.add_argument("--rank", type=int, default=16)
+    ln.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
+    ln.add_argument("--new-tokens", type=int, default=24)
+    ln.add_argument("--json", action="store_true")
+
+    def run_link(args):
+        try:
+            return link(args.geometry, args.link, args.rank, args.dtype, new_tokens=args.new_tokens, quiet=args.json)
+        except ValueError as e:
+            raise UsageError(str(e))
+    ln.set_defaults(func=run_link, printer=print_link)
+
+    fi = bsub.add_parser("fidelity", help="argmax agreement and logit error of a lossy wire dtype vs fp32")
+    fi.add_argument("--model", default="tiny")
+    fi.add_argument("--dtype", choices=["fp16", "bf16", "int8"], default="int8")
+    fi.add_argument("--positions", type=int, default=256)
+    fi.add_argument("--rank", type=int, default=16)
+    fi.add_argument("--shared-a", action="store_true")
+    fi.add_argument("--text", help="text file to teacher-force (default: a held-out passage shipped with the package)")
+    fi.add_argument("--json", action="store_true")
+
+    def run_fidelity(args):
+        try:
+            return fidelity(args.model, args.dtype, args.positions, args.rank, args.shared_a, text_file=args.text,
+                            quiet=args.json)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e))
+    fi.set_defaults(func=run_fidelity, printer=print_fidelity)
+
+    mo = bsub.add_parser("model", help="the paper's analytic throughput model next to ours (latency, batching, wire)")
+    mo.add_argument("--rtt-ms", type=float, nargs="*", default=[0.0, 20.0], help="round trips to evaluate")
+    mo.add_argument("--users", type=int, nargs="*", default=[1, 8, 32])
+    mo.add_argument("--json", action="store_true")
+
+    def run_model(args):
+        from privatelora.bench.perfmodel import report
+        return report(rtts=tuple(r / 1000 for r in args.rtt_ms), users=tuple(args.users))
+
+    def print_model(r):
+        print(f"{'model':12} {'paper table':>11} {'paper formula':>13} {'device-only 4b':>14} {'A100 only':>9}")
+        for m in r["models"]:
+            print(f"{m['model']:12} {m['paper_table_tps']:11.1f} {m['paper_formula_tps']:13.1f} "
+                  f"{m['device_only_4bit_tps']:14.1f} {m['cloud_only_tps']:9.1f}")
+        print("\nours (5G 60/100 Mbit/s, framed wire bytes; tokens/s: one user | aggregate by users):")
+        for m in r["models"]:
+            for o in m["ours"]:
+                agg = ", ".join(f"{u}: {v:.0f}" for u, v in o["aggregate_tps"].items())
+                print(f"  {m['model']:12} r={o['rank']:<4} {'shared A' if o['shared_a'] else 'separate A':10} "
+                      f"{o['dtype']:5} rtt {o['rtt_ms']:4.0f} ms: {o['single_user_tps']:6.2f} | {agg}")
+    mo.set_defaults(func=run_model, printer=print_model)
+
+    def run_comm(args):
+        if args.rank < 1 or args.prompt_tokens < 1:
+            raise UsageError("--rank and --prompt-tokens must be positive")
+        try:
+            return comm(args.geometry, args.rank, args.shared_a, args.dtype, args.prompt_tokens, args.new_tokens,
+                        args.seed, quiet=args.json)
+        except ValueError as e:
+            raise UsageError(str(e))
+    c.set_defaults(func=run_comm, printer=print_comm)
+
+    th = bsub.add_parser("throughput", help="decode throughput: the physical limit vs ours vs paper-style serving, "
+                                            "on one pinned backbone with N edge actors (Ray)",
+                         description="For each user count: the limit (the backbone's layers decoding N sequences in "
+                                     "one plain batched forward), ours (N edge actors over TCP, stages batched by the "
+                                     "scheduler) and paper-style (the same actors, every stage alone). Prints tokens/s, "
+                                     "time to first token and the backbone's busy fraction. Over an emulated link (--link) each "
+                                     "row also gets the model's prediction: the same users' loopback step, "
+                                     "measured right after, plus the link model's time for the step's round trips.")
+    th.add_argument("--geometry", choices=["bench", "tiny"], default="bench",
+                    help="bench: 7B proportions, CPU-sized, 16 layers (built once into the cache, ~0.9 GB); "
+                         "tiny: the shipped model")
+    th.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts (default 1,2,4,8,16)")
+    th.add_argument("--link", default="loopback", help="loopback, lan, wifi, 5g, 4g (emulated on each device's link)")
+    th.add_argument("--new-tokens", type=int, default=32, help="tokens each user decodes (default 32)")
+    th.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of every user (default 16)")
+    th.add_argument("--gather-ms", type=float, default=10.0,
+                    help="ours: the longest a stage waits for its owed members (default 10, as serve)")
+    th.add_argument("--merge", action="store_true",
+                    help="ours: stages also wait (within --gather-ms) for sessions behind them, merging cohorts")
+    th.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32", help="wire dtype")
+    th.add_argument("--edge-hosts", type=int, default=0, metavar="K",
+                    help="carry the users on K edge hosts (one process and connection each, so over an "
+                         "emulated link a host's users share it) instead of one edge actor per user (default)")
+    th.add_argument("--no-hf", action="store_true", help="skip the transformers cloud-only reference")
+    th.add_argument("--plot", metavar="FILE.png", help="also draw the curves (needs matplotlib)")
+    th.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    th.add_argument("--json", action="store_true", help="print one JSON object (progress stays on stderr)")
+
+    def run_throughput(args):
+        try:
+            users = [int(u) for u in args.users.split(",") if u.strip()]
+        except ValueError:
+            raise UsageError(f"--users must be comma-separated integers, not {args.users!r}")
+        from privatelora.transport.link import get_profile
+        try:
+            get_profile(args.link)
+        except ValueError as e:
+            raise UsageError(str(e))
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install 'privatelora[bench]'")
+        from privatelora.actors.throughput import run
+        with stdout_kept_for_json():
+            out = run(args.geometry, users, args.link, args.new_tokens, args.prompt_tokens, args.gather_ms, args.merge,
+                      hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address)
+        if args.plot:
+            from privatelora.bench.throughput import plot
+            plot(out, args.plot)
+        return out
+    th.set_defaults(func=run_throughput, printer=print_throughput)
+
+
+def print_throughput(r):
+    who = f"{r['edge_hosts']} edge hosts" if r.get("edge_hosts") else "one edge actor per user"
+    print(f"{r['geometry']} geometry ({r['layers']} cloud layers, rank {r['rank']}), link {r['link']}, "
+          f"{r['new_tokens']} tokens per user, {who}; backbone on cores {r['cores']['backbone']}, "
+          f"devices on {r['cores']['edges']}")
+    print(f"{'users':>5} {'limit':>8} {'ours':>8} {'paper':>8} {'ours/limit':>10} {'ours/paper':>10} "
+          f"{'busy':>5} {'batch':>5} {'TTFT ours':>9} {'TTFT paper':>10}")
+    for x in r["results"]:
+        print(f"{x['users']:5d} {x['limit_tok_s']:8.1f} {x['ours_tok_s']:8.1f} {x['paper_style_tok_s']:8.1f} "
+              f"{x['ours_over_limit']:10.2f} {x['ours_over_paper_style']:10.2f} {100 * x['backbone_busy']:4.0f}% "
+              f"{x['ours_mean_batch']:5.1f} {x['ours_ttft_s'] * 1000:7.0f}ms {x['paper_style_ttft_s'] * 1000:8.0f}ms")
+    if any("model_tok_s" in x for x in r["results"]):
+        print("model (this machine's loopback step + the link model's time per token): " + ", ".join(
+            f"{x['users']}: {x['model_tok_s']:.1f} tok/s (measured/model {x['ours_over_model']:.2f})"
+            for x in r["results"]))
+    s = r.get("summary")
+    if s:
+        print(f"at {s['users']} users: ours = {s['ours_over_limit']:.2f} of the limit; ours / paper-style = "
+              f"{s['ours_over_paper_style']:.2f}, {100 * s['share_of_ideal_gain']:.0f}% of the ideal gain "
+              f"{s['ideal_gain']:.2f} (limit at {s['users']} users / limit at 1)")

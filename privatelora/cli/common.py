@@ -1,0 +1,108 @@
+"""What every command shares: the one-line-error parser, argument types, the split
+arguments and the one resolver of a split's configuration (flags, then the adapter
+file's metadata, then defaults), prompt handling, and keeping stdout for ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from privatelora.config import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def positive(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v!r}")
+    return i
+
+
+def add_split_args(p, with_adapter=True):
+    p.add_argument("--model", default="tiny", help="local HF checkpoint directory, 'tiny' (default) or tiny-llama|tiny-mistral|tiny-qwen2")
+    if with_adapter:
+        p.add_argument("--adapter", help="private adapter file (.safetensors); its rank/targets/shared-A/seed win")
+    p.add_argument("--rank", type=positive, help="rank r of A, M, B (default 16; taken from --adapter if given)")
+    p.add_argument("--targets", help="adapted projections, comma separated subset of q,k,v (default q,k,v)")
+    p.add_argument("--shared-a", action="store_true", default=None, help="one A per layer shared by q, k, v")
+    p.add_argument("--device-head-layers", type=positive, default=0, help="first K decoder layers run on the device")
+    p.add_argument("--device-tail-layers", type=positive, default=0, help="last K decoder layers run on the device")
+    p.add_argument("--projection-seed", type=positive, default=None, help="public seed of A and B (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+
+
+def split_config(args):
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.adapters import config_from_adapter
+    kw = dict(device_head_layers=args.device_head_layers, device_tail_layers=args.device_tail_layers, dtype=args.dtype)
+    if getattr(args, "adapter", None):
+        cfg = config_from_adapter(args.adapter, PrivateLoRAConfig(**kw))
+        for name, have in (("rank", cfg.rank), ("shared_a", cfg.shared_a), ("projection_seed", cfg.seed)):
+            given = getattr(args, name)
+            if given is not None and given != have:
+                raise UsageError(f"--{name.replace('_', '-')} {given} conflicts with the adapter file ({have})")
+        if args.targets and tuple(sorted(args.targets.split(","))) != tuple(sorted(cfg.targets)):
+            raise UsageError(f"--targets {args.targets} conflicts with the adapter file ({','.join(cfg.targets)})")
+        return cfg
+    if args.rank is not None:
+        kw["rank"] = args.rank
+    if args.targets:
+        kw["targets"] = tuple(t.strip() for t in args.targets.split(","))
+    if args.shared_a:
+        kw["shared_a"] = True
+    if args.projection_seed is not None:
+        kw["seed"] = args.projection_seed
+    return PrivateLoRAConfig(**kw)
+
+
+def prompt_ids(backbone, args) -> list[int]:
+    if args.prompt_ids:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError("--prompt-ids must be comma separated integers")
+    else:
+        if backbone.tokenizer is None:
+            raise UsageError("this checkpoint has no tokenizer: give --prompt-ids")
+        ids = backbone.tokenizer.encode(args.prompt, add_special_tokens=False)
+        if getattr(backbone.tokenizer, "bos_token_id", None) is not None and not args.no_bos:
+            ids = [backbone.tokenizer.bos_token_id] + ids
+    if not ids:
+        raise UsageError("the prompt is empty")
+    vocab = backbone.model.config.vocab_size
+    if any(i < 0 or i >= vocab for i in ids):
+        raise UsageError(f"prompt token ids must be in [0, {vocab})")
+    limit = backbone.model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's {limit} positions")
+    return ids
+
+
+def decode(backbone, ids) -> str | None:
+    return None if backbone.tokenizer is None else backbone.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def stdout_kept_for_json():
+    """While Ray runs, send file descriptor 1 to stderr: Ray's own warnings (e.g. about
+    worker start-up) may be printed on stdout, which ``--json`` keeps for one object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -1,0 +1,214 @@
+"""The ``cloud`` and ``edge`` commands: one cloud endpoint process, one device process.
+
+``privatelora cloud`` serves a backbone's cloud part over TCP in this one process (no
+Ray); ``privatelora edge`` is a device outside any cluster that talks to it (or to a Ray
+``serve``) with the same wire protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+
+from privatelora.cli.common import decode, prompt_ids, split_config
+from privatelora.config import UsageError
+
+
+def _cfg(args):
+    return split_config(args)
+
+
+def _tls_server_kw(args) -> dict:
+    kw = {}
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            from privatelora.config import UsageError
+            raise UsageError("--tls-cert and --tls-key go together")
+        kw.update(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    return kw
+
+
+def cmd_cloud(args) -> dict:
+    from privatelora.api import build_split
+    from privatelora.serving.endpoint import CloudEndpoint
+    from privatelora.transport import TLSRequiredError
+
+    if args.metrics_sd_file and not args.metrics_port:
+        raise UsageError("--metrics-sd-file needs --metrics-port")
+    split = build_split(args.model, _cfg(args))
+    try:
+        ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
+                           idle_timeout_s=args.idle_timeout, **_tls_server_kw(args))
+    except TLSRequiredError as e:
+        raise UsageError(str(e))
+    metrics = None
+    if args.metrics_port:
+        from privatelora.serving.metrics import instrument
+        metrics = instrument(ep)
+
+    async def main():
+        await ep.start()
+        host, port = ep.address
+        ready = {"event": "listening", "host": host, "port": port, "model": split.backbone.name,
+                 "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids,
+                 "tls": ep.server.ssl_context is not None}
+        if metrics is not None:
+            ready["metrics"] = _serve_metrics(args, metrics)
+        if args.json:
+            print(json.dumps(ready), flush=True)
+        else:
+            print(f"[cloud] {split.backbone.name}: layers {split.cloud.layer_ids[0]}-{split.cloud.layer_ids[-1]}, "
+                  f"rank {split.cfg.rank}, listening on {host}:{port}{' (TLS)' if ready['tls'] else ''}",
+                  file=sys.stderr, flush=True)
+            if metrics is not None:
+                print(f"[cloud] metrics on http://{ready['metrics']}/metrics", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await ep.stop()
+        if metrics is not None:
+            _stop_metrics(args, metrics)
+        return {"event": "stopped", **ep.stats()}
+
+    return asyncio.run(main())
+
+
+def _serve_metrics(args, metrics) -> str:
+    """Start /metrics (same host as the endpoint) and write the discovery file; its address."""
+    from privatelora.serving.metrics import sd_target, write_sd_file
+    host, port = metrics.serve(args.metrics_port, args.host)
+    if args.metrics_sd_file:
+        write_sd_file(args.metrics_sd_file, [(host, port, 0)])
+    return sd_target(host, port)
+
+
+def _stop_metrics(args, metrics) -> None:
+    from privatelora.serving.metrics import write_sd_file
+    if args.metrics_sd_file:
+        write_sd_file(args.metrics_sd_file, [])   # a clean stop leaves no target to scrape
+    metrics.close()
+
+
+def parse_address(s: str) -> tuple[str, int]:
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--connect must be HOST:PORT, got {s!r}")
+    return host.strip("[]"), int(port)
+
+
+async def connect_client(host: str, port: int, args, link=None):
+    """A transport client for a device command (``--tls-ca``, ``--tls-server-name``,
+    ``--timeout``); connection and TLS failures become one-line usage errors."""
+    from privatelora.transport import Client, TLSRequiredError
+    try:
+        return await Client.connect(host, port, ca=args.tls_ca, link=link, timeout=args.timeout,
+                                    server_hostname=args.tls_server_name)
+    except TLSRequiredError as e:
+        raise UsageError(str(e))
+    except OSError as e:
+        raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+
+def cmd_edge(args) -> dict:
+    from privatelora.api import load_device_backbone, load_user_adapter, resolve_config
+    from privatelora.config import UsageError
+    from privatelora.model.sampling import SamplingParams
+    from privatelora.runtime.device import DevicePart
+    from privatelora.serving.remote import run_remote
+    from privatelora.transport import RemoteError
+    from privatelora.transport.link import get_profile
+
+    host, port = parse_address(args.connect)
+    if args.prompt is None and args.prompt_ids is None:
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS")
+    try:
+        link = get_profile(args.link)
+    except ValueError as e:
+        raise UsageError(str(e))
+    cfg = resolve_config(_cfg(args), args.adapter)
+    bb = load_device_backbone(args.model, cfg)        # a device reads only its own tensors
+    device = DevicePart(bb, cfg, load_user_adapter(bb, cfg, args.adapter))
+    ids = prompt_ids(bb, args)
+    stop = (bb.tokenizer.eos_token_id,) if bb.tokenizer is not None and bb.tokenizer.eos_token_id is not None else ()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_ids=stop)
+
+    async def main():
+        client = await connect_client(host, port, args, link=link)
+        try:
+            t0 = time.perf_counter()
+            gen = await run_remote(client, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)
+            dt = time.perf_counter() - t0
+        except RemoteError as e:
+            raise UsageError(f"the cloud refused the session: {e}")
+        except (ConnectionError, asyncio.TimeoutError) as e:
+            raise UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
+        finally:
+            await client.close()
+        if gen.error is not None:
+            raise UsageError(f"the cloud answered {gen.error.code}: {gen.error.reason}")
+        return gen, dt, client.stats.as_dict()
+
+    gen, dt, stats = asyncio.run(main())
+    return {"tokens": gen.tokens, "text": decode(bb, gen.tokens), "finish_reason": gen.finish_reason,
+            "prompt_tokens": len(ids), "seconds": dt, "tokens_per_s": len(gen.tokens) / dt if dt else 0.0,
+            "link": args.link, "wire_dtype": args.wire_dtype, "wire": stats,
+            "bytes": {"to_cloud": stats["up"]["total"]["wire"], "to_device": stats["down"]["total"]["wire"]}
+            if "up" in stats else stats}
+
+
+def print_edge(res):
+    print(res["text"] if res["text"] is not None else " ".join(map(str, res["tokens"])))
+    b = res["bytes"]
+    print(f"[edge] {len(res['tokens'])} tokens in {res['seconds']:.2f}s ({res['tokens_per_s']:.1f} tok/s) over "
+          f"{res['link']}, {res['wire_dtype']} activations; wire bytes to cloud {b['to_cloud']}, "
+          f"to device {b['to_device']}", file=sys.stderr)
+
+
+def add_commands(sub, add_split_args, positive):
+    c = sub.add_parser("cloud", help="serve a backbone's cloud part over TCP in this process (no Ray)",
+                       description="Single-process cloud endpoint: loads the backbone, keeps per-session KV "
+                       "caches, batches every session's stages. Stops cleanly on Ctrl-C / SIGTERM. Off loopback "
+                       "it requires TLS (--tls-cert/--tls-key).")
+    add_split_args(c, with_adapter=False)
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=positive, default=7431, help="TCP port (0: any free port)")
+    c.add_argument("--max-sessions", type=positive, default=256)
+    c.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds of silence after which a session is closed and its KV cache freed")
+    c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
+    c.add_argument("--tls-key", help="PEM private key of this endpoint")
+    c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    c.add_argument("--metrics-port", type=positive, default=0,
+                   help="serve Prometheus /metrics on this port, same host as --host (0: off)")
+    c.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing /metrics")
+    c.add_argument("--json", action="store_true", help="JSON lines: one when listening, one when stopped")
+    c.set_defaults(func=cmd_cloud, printer=lambda r: print(
+        f"[cloud] stopped after {r['stages']} stages (mean batch {r['mean_batch_size']:.2f} sessions); "
+        f"refused frames: {r['refusals'] or 'none'}", file=sys.stderr))
+
+    e = sub.add_parser("edge", help="a device outside Ray: generate through a running cloud endpoint",
+                       description="Runs the device part here (tokens, embedding, LM head, your adapter) and "
+                       "the decoder layers on the cloud at --connect; only low-rank activations cross.")
+    add_split_args(e)
+    e.add_argument("--connect", required=True, help="HOST:PORT of a cloud endpoint")
+    e.add_argument("--prompt")
+    e.add_argument("--prompt-ids")
+    e.add_argument("--no-bos", action="store_true")
+    e.add_argument("--max-new-tokens", type=positive, default=32)
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--wire-dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="dtype of activations on the wire (hand-offs use fp16 for int8)")
+    e.add_argument("--link", default="loopback", help="emulate a link: loopback, lan, wifi, 5g, 4g")
+    e.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) to trust; required off loopback")
+    e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
+    e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_edge, printer=print_edge)

@@ -1,0 +1,128 @@
+"""The user's private matrices (M) and their files.
+
+Per adapted projection P of layer l:  P(h) = W_P h + B_P M_P A_P h.
+
+- The public A and B: ``model/projections.py``.
+- ``PrivateAdapter``: the user's M [r, r] per (layer, target). Every name starts with
+  ``PRIVATE_PREFIX``; M starts at zero so an untuned user gets exactly the base model.
+- ``save_adapter`` / ``load_adapter``: the private adapter file (safetensors + metadata);
+  loading into another backbone or config is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from privatelora.config import PrivateLoRAConfig, PrivateLoRAError
+from privatelora.model.projections import PROJECTION_SCHEME
+from privatelora.privacy import PRIVATE_PREFIX, mark_private
+
+ADAPTER_FORMAT = "privatelora-adapter"
+ADAPTER_VERSION = 1
+
+
+class AdapterError(PrivateLoRAError):
+    pass
+
+
+def m_name(layer: int, target: str) -> str:
+    return f"{PRIVATE_PREFIX}layers.{layer}.{target}.M"
+
+
+class PrivateAdapter:
+    """The user's private M matrices. Lives on the device only."""
+
+    def __init__(self, cfg: PrivateLoRAConfig, n_layers: int, fingerprint: str, device=None):
+        self.cfg = cfg
+        self.n_layers = n_layers
+        self.fingerprint = fingerprint
+        self.M: dict[str, torch.Tensor] = {}
+        for layer in range(n_layers):
+            for t in cfg.targets:
+                self.M[m_name(layer, t)] = mark_private(
+                    torch.zeros(cfg.rank, cfg.rank, dtype=cfg.torch_dtype, device=device))
+
+    def get(self, layer: int, target: str) -> torch.Tensor:
+        return self.M[m_name(layer, target)]
+
+    def randomize_(self, seed: int, scale: float = 0.5) -> "PrivateAdapter":
+        """Fill M with seeded random values (tests, demos of distinct users)."""
+        g = torch.Generator().manual_seed(seed)
+        for name in sorted(self.M):
+            m = torch.randn(self.cfg.rank, self.cfg.rank, generator=g) * scale / self.cfg.rank ** 0.5
+            self.M[name].copy_(m.to(self.M[name].dtype))
+        return self
+
+    def named_parameters(self):
+        return sorted(self.M.items())
+
+    def parameters(self):
+        return [t for _, t in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.M.values())
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": ADAPTER_FORMAT, "version": str(ADAPTER_VERSION),
+                "fingerprint": self.fingerprint, "rank": str(self.cfg.rank),
+                "targets": ",".join(self.cfg.targets), "shared_a": str(self.cfg.shared_a).lower(),
+                "seed": str(self.cfg.seed), "n_layers": str(self.n_layers),
+                "projection_scheme": PROJECTION_SCHEME}
+
+
+def save_adapter(adapter: PrivateAdapter, path) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in adapter.M.items()}
+    save_file(tensors, str(path), metadata=adapter.metadata())
+
+
+def read_adapter_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
+        raise AdapterError(f"{str(path)!r} is not a readable safetensors adapter file: {e}") from e
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{str(path)!r} is not a privatelora adapter (format={meta.get('format')!r})")
+    return meta
+
+
+def config_from_adapter(path, base: PrivateLoRAConfig | None = None) -> PrivateLoRAConfig:
+    """The adapter-relevant config recorded in ``path`` (placement fields kept from ``base``)."""
+    meta = read_adapter_metadata(path)
+    base = base or PrivateLoRAConfig()
+    try:
+        return PrivateLoRAConfig(rank=int(meta["rank"]), targets=tuple(meta["targets"].split(",")),
+                                 shared_a=meta["shared_a"] == "true", seed=int(meta["seed"]),
+                                 device_head_layers=base.device_head_layers,
+                                 device_tail_layers=base.device_tail_layers, dtype=base.dtype)
+    except (KeyError, ValueError) as e:
+        raise AdapterError(f"{str(path)!r} has malformed metadata: {e}") from e
+
+
+def load_adapter(path, cfg: PrivateLoRAConfig, n_layers: int, fingerprint: str, device=None) -> PrivateAdapter:
+    """Load M from ``path``, refusing a file made for another backbone or config."""
+    from safetensors.torch import load_file
+    meta = read_adapter_metadata(path)
+    expect = PrivateAdapter(cfg, n_layers, fingerprint).metadata()
+    for key in ("version", "projection_scheme", "fingerprint", "n_layers", "rank", "targets", "shared_a", "seed"):
+        if meta.get(key) != expect[key]:
+            what = "backbone" if key == "fingerprint" else key
+            raise AdapterError(f"adapter {str(path)!r} was made for another {what}: "
+                               f"file has {key}={meta.get(key)!r}, this setup has {expect[key]!r}")
+    tensors = load_file(str(path))
+    adapter = PrivateAdapter(cfg, n_layers, fingerprint, device=device)
+    if set(tensors) != set(adapter.M):
+        raise AdapterError(f"adapter {str(path)!r} holds tensors {sorted(set(tensors) ^ set(adapter.M))[:3]} "
+                           "that do not match its metadata")
+    for name, t in tensors.items():
+        if tuple(t.shape) != (cfg.rank, cfg.rank) or not torch.isfinite(t).all():
+            raise AdapterError(f"adapter {str(path)!r}: tensor {name} is not a finite {cfg.rank}x{cfg.rank} matrix")
+        adapter.M[name].copy_(t.to(adapter.M[name].dtype))
+    return adapter

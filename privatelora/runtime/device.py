@@ -1,0 +1,133 @@
+"""The device part: embedding, device-side layers, LM head and the private M.
+
+Contract: a ``DeviceSession`` turns token ids into the ``Handoff`` that enters the cloud
+(embedding, then any ``device_head_layers``), answers each ``Activations`` with the
+``Reply`` ``M a`` (the only thing the device computes per cloud layer), and turns the
+cloud's final ``Handoff`` into logits (``device_tail_layers``, final norm, LM head).
+Token ids, logits and M stay here; the session counts every number it sends and receives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from privatelora.config import PrivateLoRAConfig, PrivateLoRAError
+from privatelora.model.adapters import PrivateAdapter
+from privatelora.model.block import KVCache, LayerWeights, Segment, attend, finish_layer, rms_norm, rope_tables
+from privatelora.model.projections import PublicProjections
+from privatelora.privacy import mark_private
+from privatelora.runtime.accounting import CommStats
+from privatelora.runtime.messages import Activations, Handoff, Reply
+
+
+class DevicePart:
+    """What one device holds for a backbone: public weights it needs plus its adapter."""
+
+    def __init__(self, backbone, cfg: PrivateLoRAConfig, adapter: PrivateAdapter | None = None):
+        model = backbone.model
+        self.cfg = cfg
+        self.model_config = model.config
+        self.tokenizer = backbone.tokenizer
+        n = backbone.n_layers
+        self.cloud_layer_ids = list(cfg.cloud_layers(n))
+        self.head_ids = list(range(cfg.device_head_layers))
+        self.tail_ids = list(range(n - cfg.device_tail_layers, n))
+        local = self.head_ids + self.tail_ids
+        self.local = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in local}
+        self.proj = PublicProjections(model.config, cfg, local, device=model.device)
+        self.rotary = model.model.rotary_emb
+        self.embed = model.model.embed_tokens.weight
+        self.norm_w = model.model.norm.weight
+        self.norm_eps = model.model.norm.variance_epsilon
+        self.lm_head = model.lm_head.weight
+        self.lm_bias = getattr(model.lm_head, "bias", None)
+        self.vocab = self.embed.shape[0]
+        self.adapter = adapter if adapter is not None else PrivateAdapter(cfg, n, backbone.fingerprint, device=model.device)
+        if self.adapter.cfg.rank != cfg.rank or self.adapter.cfg.targets != cfg.targets \
+                or self.adapter.cfg.shared_a != cfg.shared_a or self.adapter.cfg.seed != cfg.seed:
+            raise PrivateLoRAError("adapter config does not match the split config (rank, targets, shared_a, seed)")
+
+    def session(self, session_id: int, bytes_per_number: int | None = None) -> "DeviceSession":
+        """A new conversation. Bytes are counted at ``bytes_per_number`` (default: the
+        compute dtype's size; the wire codec may send fewer)."""
+        return DeviceSession(self, session_id, bytes_per_number or self.cfg.torch_dtype.itemsize)
+
+    # ---- pieces shared by sessions -----------------------------------------------------
+    def m_of(self, layer: int, a: tuple) -> tuple:
+        """The reply ``M_t a`` for every target; ``a`` holds one tensor per A."""
+        akeys = ("shared",) if self.cfg.shared_a else self.cfg.targets
+        by_key = dict(zip(akeys, a))
+        dt = self.cfg.torch_dtype
+        return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
+                     for t in self.cfg.targets)
+
+    def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
+        """A whole adapted layer on the device (head/tail layers): M applied locally."""
+        lw = self.local[i]
+        h = rms_norm(x, lw.ln1, lw.eps)
+        qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
+        for t in self.cfg.targets:
+            a = h @ self.proj.A[(i, self.proj.a_key(t))].T
+            qkv[t] = qkv[t] + (a @ self.adapter.get(i, t).T) @ self.proj.B[(i, t)].T
+        cos, sin = rope_tables(self.rotary, [seg], x)
+        return finish_layer(lw, x, attend(lw, qkv["q"], qkv["k"], qkv["v"], [seg], [cache], cos, sin))
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, self.norm_w, self.norm_eps)
+        return mark_private(F.linear(h, self.lm_head, self.lm_bias))
+
+
+class DeviceSession:
+    """One user's conversation state on the device."""
+
+    def __init__(self, part: DevicePart, session_id: int, bytes_per_number: int = 4):
+        self.part = part
+        self.session = session_id
+        self.pos = 0                                    # tokens handed to the cloud so far
+        self.caches = {i: KVCache() for i in part.local}
+        self.comm = CommStats(bytes_per_number=bytes_per_number)
+        self._inflight: int | None = None               # tokens of the step in flight
+
+    def hand_in(self, ids, want_all: bool = False) -> Handoff:
+        """Embed ``ids`` (and run the head layers) into the hand-off that enters the cloud."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.part.embed.device).reshape(-1)
+        if ids.numel() == 0:
+            raise PrivateLoRAError("nothing to hand in: no tokens")
+        if self._inflight is not None:
+            raise PrivateLoRAError("a step is already in flight for this session")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.part.vocab:
+            raise PrivateLoRAError(f"token id out of range for a vocabulary of {self.part.vocab}")
+        mark_private(ids)
+        x = F.embedding(ids, self.part.embed)
+        seg = Segment(self.pos, ids.numel())
+        with torch.no_grad():
+            for i in self.part.head_ids:
+                x = self.part.local_layer(i, x, seg, self.caches[i])
+        self._inflight = ids.numel()
+        self.comm.tokens += ids.numel()
+        self.comm.handoff_to_cloud += x.numel()
+        msg = Handoff(self.session, self.pos, x, want_all or bool(self.part.tail_ids))
+        self.pos += ids.numel()
+        return msg
+
+    def reply(self, act: Activations) -> Reply:
+        self.comm.to_device[act.layer] += sum(t.numel() for t in act.a)
+        with torch.no_grad():
+            m = self.part.m_of(act.layer, act.a)
+        self.comm.to_cloud[act.layer] += sum(t.numel() for t in m)
+        return Reply(self.session, act.layer, m)
+
+    def logits(self, back: Handoff, all_rows: bool = False) -> torch.Tensor:
+        """Logits [rows, vocab] from the cloud's final hand-off (last row unless ``all_rows``)."""
+        self.comm.handoff_to_device += back.hidden.numel()
+        x = back.hidden.to(self.part.cfg.torch_dtype)
+        with torch.no_grad():
+            if self.part.tail_ids:
+                seg = Segment(back.start, x.shape[0])
+                for i in self.part.tail_ids:
+                    x = self.part.local_layer(i, x, seg, self.caches[i])
+            if not all_rows:
+                x = x[-1:]
+            self._inflight = None
+            return self.part.head_logits(x)

@@ -1,0 +1,223 @@
+"""The device side of the transport: ``Client`` (one connection) and its ``Session``s.
+
+A client opens sessions on one connection (``Client.open``), each with a fresh HMAC key and
+the session's ``Geometry``; frames for a session arrive on its own queue. ``link=`` shapes
+both directions like a real network (``transport/link.py``). TLS: see ``transport/tls.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections import Counter
+
+from privatelora import wire
+from privatelora.transport.link import LinkProfile, Shaper, get_profile
+from privatelora.transport.stats import ByteStats
+from privatelora.transport.streams import CLOSED, READ_LIMIT, RemoteError, nodelay, read_frame
+from privatelora.transport.tls import TLSRequiredError, client_ssl_context, is_loopback
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A client-side session: its id, geometry and incoming queue. The key stays hidden."""
+
+    def __init__(self, client: "Client", sid: int, key: bytes, geometry: wire.Geometry):
+        self.client, self.id, self._key, self.geometry = client, sid, key, geometry
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id}, geometry={self.geometry!r})"
+
+    async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        if msg.session != self.id:
+            raise ValueError(f"message for session {msg.session} sent on session {self.id}")
+        return await self.client.send(msg, dtype=dtype)
+
+    async def recv(self, timeout: float | None = None) -> wire.Message:
+        """Next message for this session (Error frames included). ConnectionError if closed."""
+        try:                    # fast path: the answer is often in already
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout is None:
+                item = await self._queue.get()
+            else:               # asyncio.timeout, not wait_for: no extra task per message
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
+        if item is CLOSED:
+            self._queue.put_nowait(CLOSED)  # every later recv fails the same way
+            raise ConnectionError("connection closed")
+        return item
+
+    async def close(self) -> None:
+        """Tell the cloud to free the session; forget its key."""
+        try:
+            await self.client.send(wire.Close(self.id))
+        finally:
+            self.client._sessions.pop(self.id, None)
+
+
+class Client:
+    """Device side of one connection; create with ``await Client.connect(...)``."""
+
+    def __init__(self, reader, writer, *, max_frame: int, compress: str,
+                 link: LinkProfile | None, seed: int | None):
+        self._reader, self._writer = reader, writer
+        self.max_frame, self.compress = max_frame, compress
+        self._sessions: dict[int, Session] = {}
+        self.stats = ByteStats()
+        self.refusals: Counter[str] = Counter()  # incoming frames we refused
+        self.errors: asyncio.Queue = asyncio.Queue()  # Error frames on session 0
+        self.closed = False
+        self._shaper = (Shaper(link, send=self._write_now, deliver=self._on_frame, seed=seed)
+                        if link is not None and link.shaped else None)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, host: str = "127.0.0.1", port: int = 0, *, ca: str | None = None,
+                      cert: str | None = None, key: str | None = None,
+                      ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                      link: LinkProfile | str | None = None, seed: int | None = None,
+                      max_frame: int = wire.DEFAULT_MAX_FRAME, compress: str = "auto",
+                      timeout: float = 10.0) -> "Client":
+        if ssl_context is None and (ca or cert):
+            ssl_context = client_ssl_context(ca, cert, key)
+        if ssl_context is None and not is_loopback(host):
+            raise TLSRequiredError(f"refusing plain TCP to {host!r}: off loopback the stream must "
+                                   "be encrypted; pass ca= (or ssl_context=)")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=ssl_context, server_hostname=server_hostname if ssl_context else None,
+            limit=READ_LIMIT), timeout)
+        nodelay(writer)
+        profile = get_profile(link) if isinstance(link, str) else link
+        return cls(reader, writer, max_frame=max_frame, compress=compress, link=profile, seed=seed)
+
+    async def open(self, geometry: wire.Geometry, *, timeout: float | None = 10.0) -> Session:
+        """Open a session with a fresh random id and key; RemoteError if refused."""
+        geometry.validate()
+        sid = 0
+        while sid == 0 or sid in self._sessions:
+            sid = secrets.randbits(63)
+        sess = Session(self, sid, secrets.token_bytes(wire.KEY_LEN), geometry)
+        self._sessions[sid] = sess
+        try:
+            await self._send(wire.Open(sid, sess._key, geometry), None, None)
+            reply = await sess.recv(timeout)
+        except BaseException:
+            self._sessions.pop(sid, None)
+            raise
+        if isinstance(reply, wire.Opened):
+            return sess
+        self._sessions.pop(sid, None)
+        if isinstance(reply, wire.Error):
+            raise RemoteError(reply.code, reply.reason)
+        raise RemoteError("protocol", f"expected Opened, got {type(reply).__name__}")
+
+    async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        """Send a device -> cloud message on one of this client's sessions."""
+        sess = self._sessions.get(msg.session)
+        if sess is None and msg.session != 0:
+            raise wire.AuthError("unknown_session", f"session {msg.session} is not open here")
+        return await self._send(msg, sess, dtype)
+
+    async def _send(self, msg, sess: Session | None, dtype) -> wire.FrameInfo:
+        if self.closed:
+            raise ConnectionError("connection closed")
+        frame, info = wire.encode_frame(
+            msg, key=sess._key if sess else None, direction=wire.UP, dtype=dtype,
+            geometry=sess.geometry if sess else None, compress=self.compress,
+            max_frame=self.max_frame)
+        self.stats.add(wire.UP, info)
+        if self._shaper is not None:
+            self._shaper.up(frame)
+        else:
+            self._write_now(frame)
+            await self._writer.drain()
+        return info
+
+    def send_raw(self, frame: bytes) -> None:
+        """Write bytes as they are (relays and tests); not counted in ``stats``."""
+        self._shaper.up(frame) if self._shaper is not None else self._write_now(frame)
+
+    async def recv(self, session: int, timeout: float | None = None) -> wire.Message:
+        return await self._sessions[session].recv(timeout)
+
+    def _write_now(self, frame: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(frame)
+
+    def _key_for(self, s: int) -> bytes | None:
+        sess = self._sessions.get(s)
+        return sess._key if sess else None
+
+    def _geometry_for(self, s: int) -> wire.Geometry | None:
+        sess = self._sessions.get(s)
+        return sess.geometry if sess else None
+
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            msg, info = wire.decode_frame(frame, direction=wire.DOWN, key_for=self._key_for,
+                                          geometry_for=self._geometry_for, max_frame=self.max_frame)
+        except wire.WireError as e:
+            self.refusals[e.code] += 1
+            return
+        self.stats.add(wire.DOWN, info)
+        sess = self._sessions.get(msg.session)
+        if sess is not None:
+            sess._queue.put_nowait(msg)
+        else:
+            self.errors.put_nowait(msg)  # session 0: about the connection
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await read_frame(self._reader, self.max_frame)
+                if isinstance(frame, str):
+                    if frame != "eof":
+                        self.refusals[frame] += 1
+                    break
+                if self._shaper is not None:
+                    self._shaper.down(frame)
+                else:
+                    self._on_frame(frame)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        except Exception:
+            log.exception("client read loop failed")
+        finally:
+            if self._shaper is not None:  # frames still on the emulated link arrive first
+                await self._shaper.flush_down()
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        self.closed = True
+        for sess in list(self._sessions.values()):
+            sess._queue.put_nowait(CLOSED)
+        self.errors.put_nowait(CLOSED)
+
+    async def close(self) -> None:
+        """Flush the emulated link, close the connection (the server closes its sessions)."""
+        if self._shaper is not None:
+            await self._shaper.flush_up()
+            self._shaper.close()
+        self.closed = True
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        except (Exception, asyncio.CancelledError):
+            pass
+        self._reader_task.cancel()
+        try:
+            await self._reader_task
+        except (Exception, asyncio.CancelledError):
+            pass
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+

@@ -1,0 +1,44 @@
+"""Byte accounting of a connection: frames, raw tensor bytes and whole-frame bytes per
+direction ("up" = device -> cloud) and frame kind, kept by both ends of the transport."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from privatelora import wire
+
+
+@dataclass
+class KindBytes:
+    frames: int = 0
+    raw: int = 0
+    wire: int = 0
+    compressed: int = 0  # frames sent with lz4
+
+
+@dataclass
+class ByteStats:
+    """Bytes per direction and frame kind."""
+
+    up: dict[str, KindBytes] = field(default_factory=dict)
+    down: dict[str, KindBytes] = field(default_factory=dict)
+
+    def add(self, direction: str, info: wire.FrameInfo) -> None:
+        k = getattr(self, direction).setdefault(info.kind, KindBytes())
+        k.frames += 1
+        k.raw += info.raw_bytes
+        k.wire += info.wire_bytes
+        k.compressed += info.compressed
+
+    def total(self, direction: str) -> KindBytes:
+        t = KindBytes()
+        for k in list(getattr(self, direction).values()):   # a snapshot: scrapes run in other threads
+            t.frames, t.raw, t.wire = t.frames + k.frames, t.raw + k.raw, t.wire + k.wire
+            t.compressed += k.compressed
+        return t
+
+    def as_dict(self) -> dict:
+        return {d: {**{kind: asdict(k) for kind, k in sorted(getattr(self, d).items())},
+                    "total": asdict(self.total(d))} for d in (wire.UP, wire.DOWN)}
+
+

@@ -1,0 +1,128 @@
+"""Tensor records: float activations <-> one ``[code, count, rows, cols, data(, scales)]``
+record per frame, in fp32, fp16, bf16 or int8 (per-row absmax scales), little-endian.
+
+numpy does the per-tensor work: on the hot path tensors are tiny ([1, rank]) and a torch
+op costs ~20 us of dispatch where numpy costs ~1 us. Explicit '<' dtypes make the wire
+little-endian on any host. Non-finite values are refused both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from privatelora.privacy import is_private
+from privatelora.wire.errors import GeometryError, PrivacyError, SchemaError
+from privatelora.wire.schema import DTYPES, MAX_TARGETS, UP, FrameContext
+
+# a frame names its dtype by a one-byte code (a string would cost 4-5 bytes a frame)
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_NP_WIRE = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2", "int8": "i1"}
+
+
+def _check_out(ctx: FrameContext, t: Any, cols: int | None, max_rows: int, what) -> None:
+    """Refuse, before encoding, anything that is not a float [n, cols] activation.
+    ``what``: the field's name, or a callable giving it (built only for an error)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 \
+            or (ctx.direction == UP and (is_private(t) or (t._base is not None and is_private(t._base)))) \
+            or not 1 <= t.shape[0] <= max_rows or (cols is not None and t.shape[1] != cols):
+        err = PrivacyError if ctx.direction == UP else SchemaError
+        what = what() if callable(what) else what
+        if not isinstance(t, torch.Tensor):
+            raise err("bad_tensor", f"{what} is a {type(t).__name__}, not a tensor")
+        if ctx.direction == UP and (is_private(t) or (t._base is not None and is_private(t._base))):
+            raise PrivacyError("private_tensor", f"{what} is tagged private: it stays on the device")
+        if not t.is_floating_point():
+            raise err("not_float", f"{what} has dtype {t.dtype}; only float activations travel")
+        raise (err if ctx.direction == UP else GeometryError)(
+            "bad_shape", f"{what} has shape {list(t.shape)}, declared [1..{max_rows}, {cols}]")
+
+
+def _as_float32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def pack_tensor(ctx: FrameContext, x: np.ndarray, what: str) -> list:
+    """float32 [count, rows, cols] -> one record [code, count, rows, cols, data(, scales)].
+
+    One record per frame, not one per tensor: at one decode token per frame the record
+    header is a visible share of the bytes (7B, fp16: 768 payload bytes per frame).
+    """
+    count, rows, cols = x.shape
+    ctx.raw += x.size * DTYPES[ctx.dtype]
+    code = DTYPE_CODES[ctx.dtype]
+    if ctx.dtype == "int8":  # symmetric per-row absmax: x ~ q * scale, |error| <= scale / 2
+        if not np.isfinite(x).all():
+            raise SchemaError("non_finite", f"{what} holds NaN or inf")
+        scale = (np.abs(x).max(axis=2) / np.float32(127)).astype("<f4")      # [count, rows]
+        safe = np.where(scale > 0, scale, np.float32(1))
+        q = np.rint(x / safe[..., None]).clip(-127, 127).astype("i1")
+        return [code, count, rows, cols, q.tobytes(), scale.tobytes()]
+    if ctx.dtype == "bf16":  # numpy has no bf16: let torch round, ship the bit pattern
+        bits = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16)
+        w = bits.numpy().astype("<i2")
+        finite = ((w.view("<u2") & 0x7F80) != 0x7F80).all()  # exponent all ones = inf/NaN
+    elif ctx.dtype == "fp16":
+        with np.errstate(over="ignore"):  # overflow to inf is refused just below
+            w = x.astype("<f2")
+        finite = np.isfinite(w).all()
+    else:
+        w = x.astype("<f4", copy=False)
+        finite = np.isfinite(w).all()
+    if not finite:  # one check after the cast: NaN/inf stay NaN/inf, overflow becomes inf
+        raise SchemaError("non_finite", f"{what} holds NaN or inf, or overflows {ctx.dtype}")
+    return [code, count, rows, cols, w.tobytes()]
+
+
+def unpack_tensor(ctx: FrameContext, v: Any, count: int, cols: int, max_rows: int, what: str,
+                   want: str | None) -> tuple[torch.Tensor, ...]:
+    """[code, count, rows, cols, data(, scales)] -> ``count`` float32 [rows, cols] tensors;
+    ``want``: the required dtype (None: any)."""
+    if type(v) is not list or len(v) not in (5, 6) or type(v[0]) is not int or v[0] not in CODE_DTYPES:
+        raise SchemaError("bad_tensor", f"{what} is not [dtype, count, rows, cols, data(, scales)]")
+    name = CODE_DTYPES[v[0]]
+    if want is not None and name != want:
+        raise GeometryError("bad_dtype", f"{what} is {name}, the session declared {want}")
+    if len(v) != (6 if name == "int8" else 5):
+        raise SchemaError("bad_tensor", f"{what}: int8 tensors (only) carry row scales")
+    if type(v[1]) is not int or v[1] != count:
+        raise GeometryError("bad_count", f"{what} must be {count} tensors")
+    rows, size = v[2], DTYPES[name]
+    if type(rows) is not int or not 1 <= rows <= max_rows or type(v[3]) is not int or v[3] != cols:
+        raise GeometryError("bad_shape", f"{what} must be [1..{max_rows}, {cols}]")
+    data = v[4]
+    if type(data) is not bytes or len(data) != count * rows * cols * size:
+        raise SchemaError("bad_tensor", f"{what} payload length is not {count}x{rows}x{cols} {name}")
+    w = np.frombuffer(data, dtype=_NP_WIRE[name]).reshape(count, rows, cols)
+    if name == "bf16":
+        x = (w.astype(np.uint32) << 16).view(np.float32)  # bf16 = the top half of an fp32
+    elif name == "int8":
+        scale = np.frombuffer(v[5], dtype="<f4") if type(v[5]) is bytes and len(v[5]) % 4 == 0 else None
+        if scale is None or scale.size != count * rows:
+            raise SchemaError("bad_tensor", f"{what} needs {count * rows} fp32 scales")
+        if not np.isfinite(scale).all() or (scale < 0).any() or (w == -128).any():
+            raise SchemaError("bad_tensor", f"{what}: scales finite >= 0, values in [-127, 127]")
+        with np.errstate(over="ignore"):  # overflow to inf is refused just below
+            x = w.astype(np.float32) * scale.astype(np.float32).reshape(count, rows, 1)
+    else:
+        x = w.astype(np.float32)  # a copy: writable, native order, detached from the frame
+    if not np.isfinite(x).all():
+        raise SchemaError("non_finite", f"{what} holds NaN or inf")
+    ctx.raw += count * rows * cols * size
+    return torch.from_numpy(x).unbind(0)
+
+
+def pack_group(ctx, ts, count, cols, max_rows, what) -> list:
+    err = PrivacyError if ctx.direction == UP else GeometryError
+    if not isinstance(ts, (tuple, list)) or not 1 <= len(ts) <= MAX_TARGETS \
+            or (count is not None and len(ts) != count):
+        raise err("bad_count", f"{what} must be {count or '1-16'} tensors")
+    for i, t in enumerate(ts):
+        _check_out(ctx, t, cols, max_rows, lambda: f"{what}[{i}]")
+    if len({t.shape for t in ts}) != 1:
+        raise err("bad_shape", f"{what} tensors must share one shape")
+    # one stack and one conversion for the group: per-tensor conversions cost ~5 us each
+    return pack_tensor(ctx, _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None]), what)
