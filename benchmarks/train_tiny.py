@@ -19,6 +19,18 @@ with ``--json``) so the run can be repeated exactly with ``--steps``. If the mac
 down so much that training passes 1.15 x ``--minutes``, the run stops there (the JSON says
 ``"capped": true``); ``--steps N --stop-after K`` repeats such a run exactly.
 
+Draft model (``--draft``): trains instead the "tiny-draft" model, a much smaller Llama
+(``DRAFT_MODEL``: hidden 128, 2 layers, 4 query / 2 key-value heads, MLP 352, LM head tied
+to the embeddings, 631,424 parameters) that drafts tokens for speculative decoding of
+``tiny``. It builds no tokenizer: it reuses the shipped tiny model's (``privatelora/zoo/tiny``,
+loaded with ``AutoTokenizer``; same 2,048 ids), so drafted ids are the target's ids. Same data,
+held-out plays, schedule and evaluation as above. The weights are rounded to float16 before
+the held-out evaluation and saved in float16, and the tiny model's tokenizer files are copied
+next to them, so the folder (default ``privatelora/zoo/tiny-draft``, under 2 MB) loads
+standalone. Default budget 12 minutes:
+
+    python benchmarks/train_tiny.py --draft --out privatelora/zoo/tiny-draft --minutes 12 --seed 0
+
 Progress goes to stderr; with ``--json`` stdout carries one JSON object and nothing else.
 """
 
@@ -28,6 +40,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,11 +50,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "corpus" / "shakespeare"
 DEFAULT_OUT = REPO / "privatelora" / "zoo" / "tiny"
+DRAFT_OUT = REPO / "privatelora" / "zoo" / "tiny-draft"
+# The draft reuses the tiny model's tokenizer, read from the shipped checkpoint.
+TINY_TOKENIZER = DEFAULT_OUT
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Plays kept out of training (tokenizer and model) for validation. Fixed: the model card and
 # tests/test_zoo_tiny.py quote numbers measured on them.
 HELD_OUT = ("hamlet", "tempest", "twelfth_night")
-# Non-dramatic works: not pretraining data (personalization data for users, DESIGN.md s.6).
+# Non-dramatic works: not pretraining data (personalization data for users).
 POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
          "rape_of_lucrece")
 
@@ -51,6 +68,11 @@ MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
              initializer_range=0.02)
+# --draft: the speculative-decoding draft for tiny; fits in 2 MB as float16 (with tokenizer).
+DRAFT_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                   initializer_range=0.02)
 
 _START = re.compile(r"^\*\*\*\s*START OF", re.M)
 _END = re.compile(r"^\*\*\*\s*END OF", re.M)
@@ -89,6 +111,16 @@ def load_plays(corpus: Path) -> tuple[dict[str, str], dict[str, str]]:
     if missing:
         raise SystemExit(f"held-out plays missing from {corpus}: {sorted(missing)}")
     return train, held
+
+
+def load_tiny_tokenizer():
+    """The shipped tiny model's tokenizer (for --draft): the draft must share its ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER, local_files_only=True)
+    if len(tok) != VOCAB_SIZE or [tok.convert_ids_to_tokens(i) for i in (0, 1)] != list(SPECIALS):
+        raise SystemExit(f"unexpected tokenizer in {TINY_TOKENIZER}: vocab {len(tok)}")
+    return tok
 
 
 def train_tokenizer(texts: list[str]):
@@ -158,8 +190,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--minutes", type=float, default=33.0, help="training wall-clock budget")
+    ap.add_argument("--draft", action="store_true",
+                    help="train the small draft model for speculative decoding of tiny "
+                         "(reuses tiny's tokenizer; float16; default --out "
+                         "privatelora/zoo/tiny-draft, default --minutes 12)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default privatelora/zoo/tiny, or "
+                         "privatelora/zoo/tiny-draft with --draft)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="training wall-clock budget (default 33, or 12 with --draft)")
     ap.add_argument("--steps", type=int, default=None,
                     help="exact number of optimizer steps (overrides --minutes; reproducible)")
     ap.add_argument("--stop-after", type=int, default=None, metavar="K",
@@ -174,8 +213,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     args = ap.parse_args(argv)
-    if not 1 <= args.seq <= MODEL["max_position_embeddings"]:
-        ap.error(f"--seq must be 1..{MODEL['max_position_embeddings']}")
+    if args.out is None:
+        args.out = DRAFT_OUT if args.draft else DEFAULT_OUT
+    if args.minutes is None:
+        args.minutes = 12.0 if args.draft else 33.0
+    dims = DRAFT_MODEL if args.draft else MODEL
+    if not 1 <= args.seq <= dims["max_position_embeddings"]:
+        ap.error(f"--seq must be 1..{dims['max_position_embeddings']}")
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -188,18 +232,19 @@ def main(argv=None) -> int:
     log(f"corpus {args.corpus}: {len(train_txt)} training plays, held out {sorted(held_txt)}")
 
     t0 = time.time()
-    tok = train_tokenizer(list(train_txt.values()))
+    tok = load_tiny_tokenizer() if args.draft else train_tokenizer(list(train_txt.values()))
     sample_line = "But, soft! what light through yonder window breaks?\n"
     assert tok.decode(tok.encode(sample_line, add_special_tokens=False)) == sample_line
     lens = token_byte_lengths(tok)
     train_ids = torch.tensor([i for t in train_txt.values() for i in encode_doc(tok, t)])
     held_ids = {n: torch.tensor(encode_doc(tok, t)) for n, t in held_txt.items()}
     train_bytes = sum(len(t.encode()) for t in train_txt.values())
-    log(f"tokenizer: vocab {len(tok)}, {len(train_ids)} training tokens "
+    log(f"tokenizer{f' (from {TINY_TOKENIZER})' if args.draft else ''}: vocab {len(tok)}, "
+        f"{len(train_ids)} training tokens "
         f"({train_bytes / len(train_ids):.2f} bytes/token), {time.time() - t0:.1f}s")
 
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL)
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(cfg)
     model.train()
@@ -261,6 +306,10 @@ def main(argv=None) -> int:
             log(msg)
     train_s = time.time() - t_train
     tokens_seen = step * args.batch * args.seq
+    if args.draft:
+        # shipped in float16: round now, so the evaluation and the sample are of those weights
+        # (fp16 -> fp32 is exact, and the CPU computes in fp32)
+        model.half().float()
 
     # final held-out evaluation over all three plays, windows of the training length
     per_play, tot_nats, tot_tok, tot_bytes = {}, 0.0, 0, 0
@@ -279,8 +328,14 @@ def main(argv=None) -> int:
                                                eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
+    if args.draft:
+        model.half().save_pretrained(args.out, safe_serialization=True)
+        model.float()
+        for name in TOKENIZER_FILES:  # byte for byte the tiny model's tokenizer
+            shutil.copyfile(TINY_TOKENIZER / name, args.out / name)
+    else:
+        model.save_pretrained(args.out, safe_serialization=True)
+        tok.save_pretrained(args.out)
 
     prompt = "Rom.\n"
     torch.manual_seed(args.seed)
@@ -293,7 +348,7 @@ def main(argv=None) -> int:
 
     summary = {
         "params": n_params, "config": {k: v for k, v in cfg.to_dict().items()
-                                       if k in ("vocab_size", *MODEL)},
+                                       if k in ("vocab_size", *dims)},
         "train_plays": sorted(train_txt), "held_out": list(HELD_OUT),
         "train_tokens": len(train_ids), "train_bytes": train_bytes,
         "steps": step, "schedule_steps": total, "batch": args.batch, "seq": args.seq,
@@ -308,6 +363,10 @@ def main(argv=None) -> int:
         "sample_prompt": prompt, "sample": sample, "out": str(args.out),
         "torch": torch.__version__,
     }
+    if args.draft:
+        summary.update(draft=True, dtype="float16", tokenizer_from=str(TINY_TOKENIZER),
+                       out_bytes=sum(f.stat().st_size for f in args.out.iterdir()
+                                     if f.is_file()))
     if args.json:
         print(json.dumps(summary, indent=1))
     return 0
