@@ -74,7 +74,7 @@ class BackboneReplica:
     def info(self) -> dict:
         host, port = self.endpoint.address
         return {"replica": self.replica_id, "host": host, "port": port, "cert_pem": self.cert_pem,
-                "pid": os.getpid(), "layers": self.cloud.layer_ids, "device": str(self.cloud.device),
+                "pid": os.getpid(), "layers": self.cloud.layer_ids, "adapted_layers": self.cloud.exchange_ids, "device": str(self.cloud.device),
                 "fingerprint": self.fingerprint,
                 "metrics": list(self.metrics_address) if self.metrics_address else None}
 

@@ -67,7 +67,7 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
 
 
 def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16, address=None,
-         quiet: bool = False) -> dict:
+         quiet: bool = False, adapted_layers: str = "all", draft: str | None = None, draft_tokens: int = 4) -> dict:
     from privatelora.runtime.accounting import naive_numbers_per_token_per_layer
     from privatelora.runtime.demo import PROMPTS, print_users
     from privatelora.model.loading import load_backbone
@@ -82,7 +82,9 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
     say("starting a local Ray cluster with cloud and edge resources" if address in (None, "local")
         else f"joining the Ray cluster at {address}")
     _connect(address)
-    cfg = PrivateLoRAConfig(rank=rank)
+    cfg = PrivateLoRAConfig(rank=rank, adapted_layers=adapted_layers)
+    backbone = load_backbone(model)
+    cfg.adapted(backbone.n_layers)                     # a placement this model cannot take fails before Ray work
     pool = Pool(model, cfg, replicas=1, pin_cores=True)
     say(f"backbone replica up on {pool.infos[0]['host']}:{pool.infos[0]['port']}; starting {users} edge actors")
     edges = [pool.edge(u, adapter_seed=1000 + u) for u in range(users)]
@@ -94,15 +96,16 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
     for u, e in enumerate(edges):
         sampled = u % 2 == 1
         futures.append(e.generate.remote(PROMPTS[u % len(PROMPTS)], max_new_tokens=max_new_tokens,
-                                         temperature=0.8 if sampled else 0.0, top_p=0.95, seed=u))
+                                         temperature=0.8 if sampled else 0.0, top_p=0.95, seed=u,
+                                         draft=draft, draft_tokens=draft_tokens))
         time.sleep(0.05)                     # users join at different times
     results = ray.get(futures)
     wall = time.time() - t0
     after = pool.stats()[0]
     pool.shutdown()
     ray.shutdown()
-    mc = load_backbone(model).config
-    layers = len(pool.infos[0]["layers"])
+    mc = backbone.config
+    layers = len(pool.infos[0]["adapted_layers"])    # the naive split adapts the same layers
     tokens = sum(len(r["tokens"]) for r in results)
     cloud_tokens = sum(r["cloud_tokens"] for r in results)
     act = sum(r["activation_bytes"] for r in results)
@@ -113,8 +116,11 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
     stages = after["stages"] - before["stages"]
     out = {
         "mode": "ray", "users": [{"user": r["user"], "prompt": PROMPTS[r["user"] % len(PROMPTS)], "text": r["text"],
-                                  "tokens": len(r["tokens"]), "sampled": r["user"] % 2 == 1} for r in results],
-        "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+                                  "tokens": len(r["tokens"]), "sampled": r["user"] % 2 == 1,
+                                  "round_trips": r["round_trips"],
+                                  **({"draft": r["draft"]} if "draft" in r else {})} for r in results],
+        "tokens": tokens, "round_trips": sum(r["round_trips"] for r in results), "seconds": wall,
+        "tokens_per_s": tokens / wall,
         "mean_batch_size": (after["stage_sessions"] - before["stage_sessions"]) / stages if stages else 0.0,
         "bytes_crossed": crossed, "naive_bytes": naive_all,
         "bytes_per_token_per_layer": act / frames if frames else 0.0,

@@ -37,6 +37,15 @@ class EdgeActor:
         self.tokenizer = self.device.tokenizer
         pin_to_cores(cores)                       # after loading, which may use every core
         self._clients: dict[int, object] = {}
+        self._drafts: dict[str, object] = {}
+
+    def _draft(self, spec: str | None):
+        if not spec:
+            return None
+        if spec not in self._drafts:
+            from privatelora.runtime.draft import load_draft
+            self._drafts[spec] = load_draft(spec)
+        return self._drafts[spec]
 
     async def _client(self, info: dict, link: str = "loopback"):
         from privatelora.transport import Client
@@ -55,8 +64,9 @@ class EdgeActor:
         return c
 
     async def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0) -> dict:
-        """Generate for this user; ``prompt`` is text or a list of token ids."""
+                       seed: int = 0, draft: str | None = None, draft_tokens: int = 4) -> dict:
+        """Generate for this user; ``prompt`` is text or a list of token ids; ``draft``: speculative
+        decoding drafted here, on the device (ngram, tiny or a local checkpoint path)."""
         from privatelora.model.sampling import SamplingParams
         from privatelora.serving.remote import run_remote
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -68,7 +78,8 @@ class EdgeActor:
             client = await self._client(info)
             before = client.stats.as_dict()
             t0 = time.perf_counter()
-            gen = await run_remote(client, self.device, ids, params, dtype=self.wire_dtype)
+            gen = await run_remote(client, self.device, ids, params, dtype=self.wire_dtype,
+                                   draft=self._draft(draft), draft_tokens=draft_tokens)
             dt = time.perf_counter() - t0
             after = client.stats.as_dict()
         finally:
@@ -84,7 +95,7 @@ class EdgeActor:
                 "bytes_to_cloud": wire("up"), "bytes_to_device": wire("down"),
                 "activation_bytes": wire("down", "activations") + wire("up", "reply"),
                 "activation_frames": wire("down", "activations", "frames"),
-                "comm": gen.device.comm.to_dict()}
+                "comm": gen.device.comm.to_dict(), **gen.stats()}
 
     async def bench_decode(self, prompt: list[int], new_tokens: int, start_at: float, link: str = "loopback") -> dict:
         """One timed generation for ``bench throughput``: starts at wall-clock ``start_at``

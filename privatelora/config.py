@@ -7,6 +7,7 @@ can trust its fields.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,6 +31,34 @@ class UsageError(PrivateLoRAError):
     """A command-line argument that cannot be honoured."""
 
 
+PLACEMENT_HELP = ("decoder layers that carry A, B and M: all (default), last:K, first:K, every:K (every K-th "
+                  "layer, ending at the last one) or a list such as 0,8,16; a token costs one round trip per "
+                  "adapted cloud layer plus one")
+_PLACEMENT_RE = re.compile(r"all|(last|first|every):([1-9][0-9]*)|[0-9]+(,[0-9]+)*")
+
+
+def placement_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """The decoder layers an ``adapted_layers`` spec names in a model of ``n_layers``, ascending."""
+    m = _PLACEMENT_RE.fullmatch(spec)
+    if m is None:
+        raise ConfigError(f"adapted_layers must be all, last:K, first:K, every:K or a list like 0,8,16; got {spec!r}")
+    if spec == "all":
+        return tuple(range(n_layers))
+    if m.group(1):
+        k = int(m.group(2))
+        if m.group(1) != "every" and k > n_layers:
+            raise ConfigError(f"adapted_layers {spec}: the model has only {n_layers} layers")
+        if m.group(1) == "last":
+            return tuple(range(n_layers - k, n_layers))
+        if m.group(1) == "first":
+            return tuple(range(k))
+        return tuple(sorted(range(n_layers - 1, -1, -k)))
+    layers = sorted({int(x) for x in spec.split(",")})
+    if layers[-1] >= n_layers:
+        raise ConfigError(f"adapted_layers {spec}: layer {layers[-1]} does not exist in a model of {n_layers} layers")
+    return tuple(layers)
+
+
 @dataclass(frozen=True)
 class PrivateLoRAConfig:
     rank: int = 16
@@ -39,6 +68,7 @@ class PrivateLoRAConfig:
     device_tail_layers: int = 0     # last k decoder layers run on the device
     seed: int = 0                   # public seed of the shared frozen A and B
     dtype: str = "float32"          # compute dtype of both parts
+    adapted_layers: str = "all"     # decoder layers carrying A, B, M (PLACEMENT_HELP)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -58,6 +88,12 @@ class PrivateLoRAConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.adapted_layers, str):
+            raise ConfigError(f"adapted_layers must be a string spec, got {self.adapted_layers!r}")
+        spec = self.adapted_layers.replace(" ", "")
+        object.__setattr__(self, "adapted_layers", spec)
+        if _PLACEMENT_RE.fullmatch(spec) is None:
+            placement_layers(spec, 0)           # raises with the reason
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,6 +107,15 @@ class PrivateLoRAConfig:
                 f"the model has {n_layers} layers: device_head_layers={self.device_head_layers} and "
                 f"device_tail_layers={self.device_tail_layers} leave none for the cloud")
         return range(first, last)
+
+    def adapted(self, n_layers: int) -> tuple[int, ...]:
+        """Indices of the decoder layers that carry A, B and M (cloud and device layers alike)."""
+        return placement_layers(self.adapted_layers, n_layers)
+
+    def exchange_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The adapted cloud layers: one device round trip each, per token chain."""
+        cloud = self.cloud_layers(n_layers)
+        return tuple(i for i in self.adapted(n_layers) if i in cloud)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 
-from privatelora.config import UsageError
+from privatelora.config import PLACEMENT_HELP, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,19 +32,22 @@ def positive(v: str) -> int:
 def add_split_args(p, with_adapter=True):
     p.add_argument("--model", default="tiny", help="local HF checkpoint directory, 'tiny' (default) or tiny-llama|tiny-mistral|tiny-qwen2")
     if with_adapter:
-        p.add_argument("--adapter", help="private adapter file (.safetensors); its rank/targets/shared-A/seed win")
+        p.add_argument("--adapter", help="private adapter file (.safetensors); its rank/targets/shared-A/seed/"
+                       "adapted layers win")
     p.add_argument("--rank", type=positive, help="rank r of A, M, B (default 16; taken from --adapter if given)")
     p.add_argument("--targets", help="adapted projections, comma separated subset of q,k,v (default q,k,v)")
     p.add_argument("--shared-a", action="store_true", default=None, help="one A per layer shared by q, k, v")
     p.add_argument("--device-head-layers", type=positive, default=0, help="first K decoder layers run on the device")
     p.add_argument("--device-tail-layers", type=positive, default=0, help="last K decoder layers run on the device")
     p.add_argument("--projection-seed", type=positive, default=None, help="public seed of A and B (default 0)")
+    p.add_argument("--adapted-layers", metavar="SPEC", default=None,
+                   help=PLACEMENT_HELP + " (taken from --adapter if given)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
 
 
 def split_config(args):
     from privatelora.config import PrivateLoRAConfig
-    from privatelora.model.adapters import config_from_adapter
+    from privatelora.model.adapters import config_from_adapter, read_adapter_metadata
     kw = dict(device_head_layers=args.device_head_layers, device_tail_layers=args.device_tail_layers, dtype=args.dtype)
     if getattr(args, "adapter", None):
         cfg = config_from_adapter(args.adapter, PrivateLoRAConfig(**kw))
@@ -54,6 +57,11 @@ def split_config(args):
                 raise UsageError(f"--{name.replace('_', '-')} {given} conflicts with the adapter file ({have})")
         if args.targets and tuple(sorted(args.targets.split(","))) != tuple(sorted(cfg.targets)):
             raise UsageError(f"--targets {args.targets} conflicts with the adapter file ({','.join(cfg.targets)})")
+        given = getattr(args, "adapted_layers", None)
+        if given is not None:
+            n = int(read_adapter_metadata(args.adapter)["n_layers"])
+            if PrivateLoRAConfig(adapted_layers=given).adapted(n) != cfg.adapted(n):
+                raise UsageError(f"--adapted-layers {given} conflicts with the adapter file ({cfg.adapted_layers})")
         return cfg
     if args.rank is not None:
         kw["rank"] = args.rank
@@ -63,6 +71,8 @@ def split_config(args):
         kw["shared_a"] = True
     if args.projection_seed is not None:
         kw["seed"] = args.projection_seed
+    if getattr(args, "adapted_layers", None) is not None:
+        kw["adapted_layers"] = args.adapted_layers
     return PrivateLoRAConfig(**kw)
 
 
@@ -106,3 +116,23 @@ def stdout_kept_for_json():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def add_draft_args(p) -> None:
+    p.add_argument("--draft", metavar="ngram|tiny|PATH", default=None,
+                   help="speculative decoding drafted on the device: ngram (lookup in the session's own "
+                        "context), tiny (the draft shipped for the tiny model) or a local Llama-family "
+                        "checkpoint sharing the tokenizer; the output stays exact")
+    p.add_argument("--draft-tokens", type=positive, default=4, metavar="K",
+                   help="tokens drafted per verify chain (default 4)")
+
+
+def draft_from_args(args, backbone):
+    """The draft ``--draft`` names, or None; a bad one is a usage error."""
+    if not getattr(args, "draft", None):
+        return None
+    if args.draft_tokens < 1:
+        raise UsageError("--draft-tokens must be at least 1")
+    from privatelora.runtime.draft import load_draft
+    return load_draft(args.draft, backbone)
+

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from privatelora.cli.common import decode, prompt_ids, split_config
+from privatelora.cli.common import add_draft_args, decode, draft_from_args, prompt_ids, split_config
 from privatelora.config import UsageError
 
 
@@ -53,7 +53,7 @@ def cmd_cloud(args) -> dict:
         await ep.start()
         host, port = ep.address
         ready = {"event": "listening", "host": host, "port": port, "model": split.backbone.name,
-                 "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids,
+                 "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids, "adapted_layers": split.cloud.exchange_ids,
                  "tls": ep.server.ssl_context is not None}
         if metrics is not None:
             ready["metrics"] = _serve_metrics(args, metrics)
@@ -134,6 +134,7 @@ def cmd_edge(args) -> dict:
     bb = load_device_backbone(args.model, cfg)        # a device reads only its own tensors
     device = DevicePart(bb, cfg, load_user_adapter(bb, cfg, args.adapter))
     ids = prompt_ids(bb, args)
+    draft = draft_from_args(args, bb)
     stop = (bb.tokenizer.eos_token_id,) if bb.tokenizer is not None and bb.tokenizer.eos_token_id is not None else ()
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop_ids=stop)
@@ -142,7 +143,8 @@ def cmd_edge(args) -> dict:
         client = await connect_client(host, port, args, link=link)
         try:
             t0 = time.perf_counter()
-            gen = await run_remote(client, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout)
+            gen = await run_remote(client, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout,
+                                   draft=draft, draft_tokens=args.draft_tokens)
             dt = time.perf_counter() - t0
         except RemoteError as e:
             raise UsageError(f"the cloud refused the session: {e}")
@@ -157,7 +159,7 @@ def cmd_edge(args) -> dict:
     gen, dt, stats = asyncio.run(main())
     return {"tokens": gen.tokens, "text": decode(bb, gen.tokens), "finish_reason": gen.finish_reason,
             "prompt_tokens": len(ids), "seconds": dt, "tokens_per_s": len(gen.tokens) / dt if dt else 0.0,
-            "link": args.link, "wire_dtype": args.wire_dtype, "wire": stats,
+            "link": args.link, "wire_dtype": args.wire_dtype, "wire": stats, **gen.stats(),
             "bytes": {"to_cloud": stats["up"]["total"]["wire"], "to_device": stats["down"]["total"]["wire"]}
             if "up" in stats else stats}
 
@@ -167,7 +169,9 @@ def print_edge(res):
     b = res["bytes"]
     print(f"[edge] {len(res['tokens'])} tokens in {res['seconds']:.2f}s ({res['tokens_per_s']:.1f} tok/s) over "
           f"{res['link']}, {res['wire_dtype']} activations; wire bytes to cloud {b['to_cloud']}, "
-          f"to device {b['to_device']}", file=sys.stderr)
+          f"to device {b['to_device']}; {res['round_trips']} round trips"
+          + (f", draft {res['draft']['name']}: {res['draft']['accepted']}/{res['draft']['proposed']} accepted"
+             if res.get("draft") else ""), file=sys.stderr)
 
 
 def add_commands(sub, add_split_args, positive):
@@ -210,5 +214,6 @@ def add_commands(sub, add_split_args, positive):
     e.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) to trust; required off loopback")
     e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
     e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
+    add_draft_args(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_edge, printer=print_edge)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
-from privatelora.cli.common import decode, prompt_ids, split_config
+from privatelora.cli.common import decode, draft_from_args, prompt_ids, split_config
 from privatelora.config import UsageError
 
 
@@ -37,9 +37,11 @@ def cmd_generate(args) -> dict:
         tokens, _ = reference.generate(model, ids, params)
         finish = "stop" if tokens and tokens[-1] in stop else "length"
     else:
-        g = Generation(split.device.session(1), ids, params)
+        g = Generation(split.device.session(1), ids, params, draft=draft_from_args(args, bb),
+                       draft_tokens=args.draft_tokens)
         InProcessRunner(split.cloud).run([g])
         tokens, finish = g.tokens, g.finish_reason
+        result.update(g.stats())          # round_trips (hand-offs included), and the draft's counts
         comm = g.device.comm.to_dict()
         naive = naive_numbers_per_token_per_layer(bb.config, split.cfg.targets) * comm["bytes_per_number"]
         per = comm["per_token_per_layer"]["total"]
@@ -56,6 +58,11 @@ def cmd_generate(args) -> dict:
 def print_generate(res):
     print(res["text"] if res["text"] is not None else " ".join(map(str, res["tokens"])))
     extra = f"[{res['mode']}] {len(res['tokens'])} tokens in {res['seconds']:.2f}s ({res['tokens_per_s']:.1f} tok/s)"
+    if "round_trips" in res:
+        extra += f"; {res['round_trips']} round trips"
+        if res.get("draft"):
+            d = res["draft"]
+            extra += f", draft {d['name']}: {d['accepted']}/{d['proposed']} drafted tokens accepted"
     if "bytes" in res:
         b = res["bytes"]
         extra += (f"; {b['per_token_per_layer']['total']:.0f} B/token/layer vs naive split "

@@ -15,9 +15,9 @@ from privatelora.cli import bench as bench_cli
 from privatelora.cli import endpoint as endpoint_cli
 from privatelora.cli import tune as tune_cli
 from privatelora.cli.cluster import cmd_demo, cmd_serve
-from privatelora.cli.common import Parser, add_split_args, positive
+from privatelora.cli.common import Parser, add_draft_args, add_split_args, positive
 from privatelora.cli.generate import cmd_adapter_info, cmd_adapter_init, cmd_generate, print_generate
-from privatelora.config import PrivateLoRAError, UsageError
+from privatelora.config import PLACEMENT_HELP, PrivateLoRAError, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--stop-ids", help="comma separated stop token ids (EOS is always one unless --no-eos-stop)")
     g.add_argument("--no-eos-stop", action="store_true")
+    add_draft_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate, printer=print_generate)
 
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=positive, default=48)
     d.add_argument("--model", default="tiny")
     d.add_argument("--rank", type=positive, default=None)
+    d.add_argument("--adapted-layers", metavar="SPEC", default="all", help=PLACEMENT_HELP)
+    add_draft_args(d)
     d.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     d.add_argument("--in-process", action="store_true", help="no Ray: device and cloud parts in this process")
     d.add_argument("--json", action="store_true")

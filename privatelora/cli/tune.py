@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from privatelora.bench.tuning import DEFAULTS, METHODS, bench_tuning, default_lr, print_tuning
-from privatelora.config import UsageError
+from privatelora.config import PrivateLoRAConfig, PrivateLoRAError, UsageError
 from privatelora.training.baselines import PrivateLoRAMethod
 from privatelora.training.data import BUNDLED, load_corpus
 from privatelora.training.loop import TrainSettings, evaluate, progress_bar, train_async
@@ -101,7 +101,7 @@ async def _tune_remote(args, part, cfg, tune):
     host, port = parse_address(args.connect)
     client = await connect_client(host, port, args)
     try:
-        geometry = session_geometry(part.cloud_layer_ids, part.model_config.hidden_size, cfg, "fp32",
+        geometry = session_geometry(part.exchange_ids, part.model_config.hidden_size, cfg, "fp32",
                                     max_tokens=max(2048, args.batch * args.seq))
         sess = await client.open(geometry)
         try:
@@ -177,6 +177,9 @@ def add_commands(sub, add_split_args, positive) -> None:
     b.add_argument("--methods", default=",".join(METHODS))
     b.add_argument("--rank", type=positive, default=DEFAULTS["rank"], help="rank of PrivateLoRA's M")
     b.add_argument("--targets", default="q,k,v", help="projections carrying M")
+    b.add_argument("--placements", default="",
+                   help="extra PrivateLoRA rows with fewer adapted layers, as SPEC@RANK separated by ';' "
+                        "(e.g. 'last:1@48;last:2@33': the same parameter budget as all 4 layers at rank 24)")
     b.add_argument("--steps", type=positive, default=DEFAULTS["steps"])
     b.add_argument("--batch", type=positive, default=DEFAULTS["batch"])
     b.add_argument("--seq", type=positive, default=DEFAULTS["seq"])
@@ -201,6 +204,17 @@ def add_commands(sub, add_split_args, positive) -> None:
         if not users:
             raise UsageError("--users names no data")
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        placements = []
+        for item in (p.strip() for p in args.placements.split(";") if p.strip()):
+            spec, sep, r = item.rpartition("@")
+            if not sep or not r.isdigit() or int(r) < 1:
+                raise UsageError(f"--placements: {item!r} is not SPEC@RANK (e.g. last:1@48)")
+            try:
+                PrivateLoRAConfig(adapted_layers=spec)
+            except PrivateLoRAError as e:
+                raise UsageError(f"--placements: {e}")
+            placements.append((spec, int(r)))
         return bench_tuning(args.model, users, methods, args.rank, targets, lrs, args.steps, args.batch, args.seq,
-                            args.schedule, args.split, args.eval_tokens, args.seed, quiet=args.json)
+                            args.schedule, args.split, args.eval_tokens, args.seed, quiet=args.json,
+                            placements=placements)
     b.set_defaults(func=run, printer=print_tuning)

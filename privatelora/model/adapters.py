@@ -38,8 +38,9 @@ class PrivateAdapter:
         self.cfg = cfg
         self.n_layers = n_layers
         self.fingerprint = fingerprint
+        self.layers = cfg.adapted(n_layers)       # the placement: layers that carry M
         self.M: dict[str, torch.Tensor] = {}
-        for layer in range(n_layers):
+        for layer in self.layers:
             for t in cfg.targets:
                 self.M[m_name(layer, t)] = mark_private(
                     torch.zeros(cfg.rank, cfg.rank, dtype=cfg.torch_dtype, device=device))
@@ -69,6 +70,7 @@ class PrivateAdapter:
                 "fingerprint": self.fingerprint, "rank": str(self.cfg.rank),
                 "targets": ",".join(self.cfg.targets), "shared_a": str(self.cfg.shared_a).lower(),
                 "seed": str(self.cfg.seed), "n_layers": str(self.n_layers),
+                "adapted_layers": ",".join(map(str, self.layers)),
                 "projection_scheme": PROJECTION_SCHEME}
 
 
@@ -93,13 +95,22 @@ def read_adapter_metadata(path) -> dict[str, str]:
     return meta
 
 
+def _file_layers(meta: dict) -> str:
+    """The adapted layers a file records; files written before placements existed adapt all."""
+    if "adapted_layers" in meta:
+        return meta["adapted_layers"]
+    return ",".join(map(str, range(int(meta.get("n_layers", "0"))))) or "all"
+
+
 def config_from_adapter(path, base: PrivateLoRAConfig | None = None) -> PrivateLoRAConfig:
-    """The adapter-relevant config recorded in ``path`` (placement fields kept from ``base``)."""
+    """The adapter-relevant config recorded in ``path`` (rank, targets, shared A, seed and the
+    adapted layers); where the split runs (device head/tail layers) and the dtype come from ``base``."""
     meta = read_adapter_metadata(path)
     base = base or PrivateLoRAConfig()
     try:
         return PrivateLoRAConfig(rank=int(meta["rank"]), targets=tuple(meta["targets"].split(",")),
                                  shared_a=meta["shared_a"] == "true", seed=int(meta["seed"]),
+                                 adapted_layers=_file_layers(meta),
                                  device_head_layers=base.device_head_layers,
                                  device_tail_layers=base.device_tail_layers, dtype=base.dtype)
     except (KeyError, ValueError) as e:
@@ -111,7 +122,9 @@ def load_adapter(path, cfg: PrivateLoRAConfig, n_layers: int, fingerprint: str, 
     from safetensors.torch import load_file
     meta = read_adapter_metadata(path)
     expect = PrivateAdapter(cfg, n_layers, fingerprint).metadata()
-    for key in ("version", "projection_scheme", "fingerprint", "n_layers", "rank", "targets", "shared_a", "seed"):
+    meta = {**meta, "adapted_layers": _file_layers(meta)}
+    for key in ("version", "projection_scheme", "fingerprint", "n_layers", "rank", "targets", "shared_a", "seed",
+                "adapted_layers"):
         if meta.get(key) != expect[key]:
             what = "backbone" if key == "fingerprint" else key
             raise AdapterError(f"adapter {str(path)!r} was made for another {what}: "

@@ -48,6 +48,10 @@ class KVCache:
         self.length = need
         return self.k[:need], self.v[:need]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative tokens the device rejected)."""
+        self.length = min(self.length, max(0, length))
+
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.length * self.k[0].numel() * self.k.element_size()
 

@@ -19,10 +19,11 @@ def merged_model(backbone, adapter: PrivateAdapter):
     """A deep copy of the HF model with every adapter merged into its weights."""
     cfg = adapter.cfg
     model = copy.deepcopy(backbone.model)
-    n = backbone.n_layers
-    proj = PublicProjections(model.config, cfg, range(n), device=model.device)
+    layers = adapter.layers           # the placement: only these layers carry M
+    proj = PublicProjections(model.config, cfg, layers, device=model.device)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
+        for i in layers:
+            layer = model.model.layers[i]
             for t in cfg.targets:
                 lin = getattr(layer.self_attn, f"{t}_proj")
                 delta = proj.B[(i, t)] @ adapter.get(i, t) @ proj.A[(i, proj.a_key(t))]

@@ -2,11 +2,19 @@
 
 Contract: ``CloudPart.run(requests)`` executes one stage for many sessions at once. A
 request is a ``Handoff`` (hidden states entering the first cloud layer) or a ``Reply``
-(the device's ``M A h`` for the layer the session waits on). Sessions may be at different
-layers and positions, prefill chunks and decode tokens mixed: requests are grouped by
-layer and each group runs as one flat batch. The answer holds, per request, the session's
-next ``Activations`` (``A h`` of its next layer), a ``Handoff`` back to the device after
-the last cloud layer, or an ``Error`` that affects that session alone.
+(the device's ``M A h`` for the adapted layer the session waits on). Sessions may be at
+different layers and positions, prefill chunks, decode tokens and speculative verify
+chains mixed: requests are grouped by layer and each group runs as one flat batch. A
+stage is a *segment*: after an adapted layer (or the hand-off) the cloud runs the
+unadapted layers that follow back to back, with no round trip, up to the next adapted
+layer. The answer holds, per request, the session's next ``Activations`` (``A h`` of its
+next adapted layer), a ``Handoff`` back to the device after the last cloud layer, or an
+``Error`` that affects that session alone.
+
+A ``Handoff`` whose ``start`` lies before the session's next position rewinds it: the
+session's KV caches are truncated to ``start`` first (the device rejected speculative
+tokens). A ``start`` beyond the session's own cache is refused; a rewind touches nothing
+but that session's caches.
 
 The cloud holds no private tensor: no M, no token ids, no logits (test: every state name
 is free of the private prefix). Its only per-session state is the KV cache and the
@@ -61,9 +69,11 @@ class CloudPart:
         self.cfg = cfg
         self.device = model.device       # incoming activations are moved here (GPU when there is one)
         self.layer_ids = list(cfg.cloud_layers(backbone.n_layers))
+        self.exchange_ids = list(cfg.exchange_layers(backbone.n_layers))   # adapted: one round trip each
+        self._adapted = set(self.exchange_ids)
         self.layers = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in self.layer_ids}
         self.next_layer = dict(zip(self.layer_ids, self.layer_ids[1:]))
-        self.proj = PublicProjections(model.config, cfg, self.layer_ids, device=model.device)
+        self.proj = PublicProjections(model.config, cfg, self.exchange_ids, device=model.device)
         self.rotary = model.model.rotary_emb
         self.hidden = model.config.hidden_size
         self.max_positions = model.config.max_position_embeddings
@@ -100,19 +110,22 @@ class CloudPart:
             seen.add(req.session)
             ok.append(req)
         absorb: dict[int, list] = defaultdict(list)   # layer -> [(session id, m tuple)]
-        emit: list[int] = []                          # sessions whose next A h is due
+        moving: list[int] = []                        # sessions entering a cloud layer
         for req in self._finite(ok, out):
             s = self.sessions[req.session]
             if isinstance(req, Handoff):
                 n = req.hidden.shape[0]
+                if req.start < s.next_pos:            # a rewind: drop the rejected positions
+                    for c in s.caches.values():
+                        c.truncate(req.start)
                 s.pending = _Pending(self.layer_ids[0], req.start, req.hidden.to(self.device, self._dtype), req.want_all)
                 s.next_pos = req.start + n
-                emit.append(req.session)
+                moving.append(req.session)
             else:
                 absorb[req.layer].append((req.session, req.m))
         for layer in sorted(absorb):
-            self._absorb(layer, absorb[layer], out, emit)
-        self._emit(emit, out)
+            self._absorb(layer, absorb[layer], out, moving)
+        self._advance(moving, out)
         return out
 
     def prepare(self) -> None:
@@ -155,8 +168,9 @@ class CloudPart:
             h = req.hidden
             if s.pending is not None:
                 return Error(sid, "out_of_order", f"session waits for the reply of layer {s.pending.layer}")
-            if req.start != s.next_pos:
-                return Error(sid, "bad_position", f"hand-off starts at {req.start}, session is at {s.next_pos}")
+            if type(req.start) is not int or not 0 <= req.start <= s.next_pos:
+                return Error(sid, "bad_position", f"hand-off starts at {req.start}, beyond the session's "
+                                                  f"{s.next_pos} cached positions")
             if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.hidden or h.shape[0] < 1:
                 return Error(sid, "bad_shape", f"hidden must be [n, {self.hidden}], got {_shape(h)}")
             if h.shape[0] > self.max_tokens_per_request:
@@ -196,8 +210,8 @@ class CloudPart:
                 out.append(Error(r.session, "not_finite", f"{what} must be finite floats"))
         return good
 
-    def _absorb(self, layer: int, items: list, out: list, emit: list) -> None:
-        """Finish ``layer`` for a flat batch of sessions whose replies are in."""
+    def _absorb(self, layer: int, items: list, out: list, moving: list) -> None:
+        """Finish adapted ``layer`` for a flat batch of sessions whose replies are in."""
         lw = self.layers[layer]
         sess = [self.sessions[sid] for sid, _ in items]
         pend = [s.pending for s in sess]
@@ -213,15 +227,32 @@ class CloudPart:
         for i, t in enumerate(self.cfg.targets):
             m = torch.cat([mt[i] for _, mt in items]).to(self.device, self._dtype)
             qkv[t] = qkv[t] + m @ self.proj.B[(layer, t)].T
+        self._finish(layer, [sid for sid, _ in items], x, qkv, segs, out, moving)
+
+    def _plain(self, layer: int, sids: list[int], out: list, moving: list) -> None:
+        """An unadapted layer for a flat batch of sessions: no exchange, ``W h`` alone."""
+        lw = self.layers[layer]
+        pend = [self.sessions[sid].pending for sid in sids]
+        x = torch.cat([p.x for p in pend])
+        h = rms_norm(x, lw.ln1, lw.eps)
+        qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
+        self._finish(layer, sids, x, qkv, [Segment(p.start, p.x.shape[0]) for p in pend], out, moving)
+
+    def _finish(self, layer, sids, x, qkv, segs, out, moving) -> None:
+        """Attention, MLP and residuals of ``layer``; each session moves on to the next cloud
+        layer (``moving``) or, after the last one, hands its hidden states back."""
+        lw = self.layers[layer]
+        sess = [self.sessions[sid] for sid in sids]
         caches = [s.caches.setdefault(layer, KVCache()) for s in sess]
         cos, sin = rope_tables(self.rotary, segs, x)
         y = finish_layer(lw, x, attend(lw, qkv["q"], qkv["k"], qkv["v"], segs, caches, cos, sin))
         self.stats.stages += 1
         self.stats.tokens += x.shape[0]
-        self.stats.sessions += len(items)
+        self.stats.sessions += len(sids)
         off = 0
         nxt = self.next_layer.get(layer)
-        for (sid, _), s, p in zip(items, sess, pend):
+        for sid, s in zip(sids, sess):
+            p = s.pending
             n = p.x.shape[0]
             yi = y[off:off + n]
             off += n
@@ -232,10 +263,30 @@ class CloudPart:
                 out.append(Handoff(sid, start, rows.contiguous(), p.want_all))
             else:
                 s.pending = _Pending(nxt, p.start, yi, p.want_all)
-                emit.append(sid)
+                moving.append(sid)
+
+    def _advance(self, sids: list[int], out: list) -> None:
+        """Move sessions entering cloud layers forward: unadapted layers run back to back
+        (earliest layer first, so sessions that meet at a layer share its batch) until each
+        session reaches an adapted layer, whose ``A h`` goes to its device, or hands back."""
+        waiting: dict[int, list[int]] = defaultdict(list)
+        for sid in sids:
+            waiting[self.sessions[sid].pending.layer].append(sid)
+        emit: list[int] = []
+        while waiting:
+            layer = min(waiting)
+            members = waiting.pop(layer)
+            if layer in self._adapted:
+                emit.extend(members)
+                continue
+            moved: list[int] = []
+            self._plain(layer, members, out, moved)
+            for sid in moved:
+                waiting[self.sessions[sid].pending.layer].append(sid)
+        self._emit(emit, out)
 
     def _emit(self, sids: list[int], out: list) -> None:
-        """Norm + ``A h`` for every session entering a layer, grouped by layer."""
+        """Norm + ``A h`` for every session entering an adapted layer, grouped by layer."""
         groups: dict[int, list[int]] = defaultdict(list)
         for sid in sids:
             groups[self.sessions[sid].pending.layer].append(sid)

@@ -17,6 +17,7 @@ from privatelora.model.sampling import SamplingParams
 from privatelora.runtime.accounting import CommStats, naive_numbers_per_token_per_layer
 from privatelora.runtime.cloud import CloudPart
 from privatelora.runtime.device import DevicePart
+from privatelora.runtime.draft import load_draft
 from privatelora.runtime.generation import Generation
 from privatelora.runtime.runner import InProcessRunner
 
@@ -40,11 +41,13 @@ def print_users(users: list[dict]) -> None:
 
 
 def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: int = 16,
-                       quiet: bool = False) -> dict:
+                       quiet: bool = False, adapted_layers: str = "all", draft: str | None = None,
+                       draft_tokens: int = 4) -> dict:
     if users < 1:
         raise ValueError("--users must be at least 1")
-    cfg = PrivateLoRAConfig(rank=rank)
+    cfg = PrivateLoRAConfig(rank=rank, adapted_layers=adapted_layers)
     bb = load_backbone(model)
+    cfg.adapted(bb.n_layers)                           # a placement this model cannot take fails here
     cloud = CloudPart(bb, cfg)
     tok = bb.tokenizer
     gens, starts = [], []
@@ -55,7 +58,8 @@ def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "t
         sampled = u % 2 == 1
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8 if sampled else 0.0,
                                 top_p=0.95, seed=u)
-        gens.append(Generation(dev.session(u + 1), ids, params))
+        gens.append(Generation(dev.session(u + 1), ids, params, draft=load_draft(draft, bb) if draft else None,
+                               draft_tokens=draft_tokens))
         starts.append(3 * u)   # users join at different steps
     if not quiet:
         print(f"[demo] {users} users share one {bb.name} backbone ({bb.n_layers} layers), rank {rank}", file=sys.stderr)
@@ -68,7 +72,8 @@ def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "t
     out = {
         "mode": "in-process",
         "users": [{"user": i, "prompt": PROMPTS[i % len(PROMPTS)], "text": tok.decode(g.tokens, skip_special_tokens=True),
-                   "tokens": len(g.tokens), "sampled": g.params.temperature > 0} for i, g in enumerate(gens)],
+                   "tokens": len(g.tokens), "sampled": g.params.temperature > 0,
+                   **g.stats()} for i, g in enumerate(gens)],
         "tokens_per_s": stats.tokens_generated / stats.seconds if stats.seconds else 0.0,
         "mean_batch_size": stats.mean_batch_size,
         "bytes_to_cloud": comm.to_dict()["to_cloud"],

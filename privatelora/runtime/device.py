@@ -31,11 +31,13 @@ class DevicePart:
         self.tokenizer = backbone.tokenizer
         n = backbone.n_layers
         self.cloud_layer_ids = list(cfg.cloud_layers(n))
+        self.exchange_ids = list(cfg.exchange_layers(n))     # adapted cloud layers: one round trip each
+        self.adapted = set(cfg.adapted(n))
         self.head_ids = list(range(cfg.device_head_layers))
         self.tail_ids = list(range(n - cfg.device_tail_layers, n))
         local = self.head_ids + self.tail_ids
         self.local = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in local}
-        self.proj = PublicProjections(model.config, cfg, local, device=model.device)
+        self.proj = PublicProjections(model.config, cfg, [i for i in local if i in self.adapted], device=model.device)
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens.weight
         self.norm_w = model.model.norm.weight
@@ -45,8 +47,10 @@ class DevicePart:
         self.vocab = self.embed.shape[0]
         self.adapter = adapter if adapter is not None else PrivateAdapter(cfg, n, backbone.fingerprint, device=model.device)
         if self.adapter.cfg.rank != cfg.rank or self.adapter.cfg.targets != cfg.targets \
-                or self.adapter.cfg.shared_a != cfg.shared_a or self.adapter.cfg.seed != cfg.seed:
-            raise PrivateLoRAError("adapter config does not match the split config (rank, targets, shared_a, seed)")
+                or self.adapter.cfg.shared_a != cfg.shared_a or self.adapter.cfg.seed != cfg.seed \
+                or set(self.adapter.layers) != self.adapted:
+            raise PrivateLoRAError("adapter config does not match the split config "
+                                   "(rank, targets, shared_a, seed, adapted layers)")
 
     def session(self, session_id: int, bytes_per_number: int | None = None) -> "DeviceSession":
         """A new conversation. Bytes are counted at ``bytes_per_number`` (default: the
@@ -63,11 +67,11 @@ class DevicePart:
                      for t in self.cfg.targets)
 
     def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
-        """A whole adapted layer on the device (head/tail layers): M applied locally."""
+        """A whole layer on the device (head/tail layers): M applied locally if it is adapted."""
         lw = self.local[i]
         h = rms_norm(x, lw.ln1, lw.eps)
         qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
-        for t in self.cfg.targets:
+        for t in (self.cfg.targets if i in self.adapted else ()):
             a = h @ self.proj.A[(i, self.proj.a_key(t))].T
             qkv[t] = qkv[t] + (a @ self.adapter.get(i, t).T) @ self.proj.B[(i, t)].T
         cos, sin = rope_tables(self.rotary, [seg], x)
@@ -110,6 +114,18 @@ class DeviceSession:
         msg = Handoff(self.session, self.pos, x, want_all or bool(self.part.tail_ids))
         self.pos += ids.numel()
         return msg
+
+    def rewind(self, pos: int) -> None:
+        """Forget the tokens handed in from ``pos`` on (drafted tokens the target rejected):
+        the local layers' caches are truncated here, the cloud's by the next hand-off, whose
+        ``start`` is ``pos``."""
+        if not 0 <= pos <= self.pos:
+            raise PrivateLoRAError(f"cannot rewind to {pos}: the session holds {self.pos} positions")
+        if self._inflight is not None:
+            raise PrivateLoRAError("cannot rewind while a step is in flight")
+        for c in self.caches.values():
+            c.truncate(pos)
+        self.pos = pos
 
     def reply(self, act: Activations) -> Reply:
         self.comm.to_device[act.layer] += sum(t.numel() for t in act.a)

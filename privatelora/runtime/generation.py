@@ -19,50 +19,101 @@ from privatelora.runtime.messages import Activations, Error, Handoff
 
 @dataclass
 class Generation:
-    """One session's generation: prompt in, tokens out, all on the device."""
+    """One session's generation: prompt in, tokens out, all on the device.
+
+    With a ``draft`` (``runtime/draft.py``), each chain after the prefill hands in the last
+    token plus up to ``draft_tokens`` drafted ones; the target's logits for all of them come
+    back from one chain of round trips, ``Sampler.verify`` keeps the agreeing prefix plus
+    the target's next token, and the session rewinds past the rejected drafts (the cloud
+    truncates its caches to the next hand-off's start)."""
 
     device: object                           # DeviceSession
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     keep_logits: bool = False                # record logits (tests: prefill rows + each step)
+    draft: object | None = None              # NgramDraft / ModelDraft, or None
+    draft_tokens: int = 4
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     done: bool = False
     error: Error | None = None
     finish_reason: str | None = None
+    round_trips: int = 0                     # messages to the cloud, each answered once
+    proposed: int = 0                        # drafted tokens sent for verification
+    accepted: int = 0                        # of those, accepted
+    verifies: int = 0                        # chains that verified drafts
 
     def __post_init__(self):
         if not self.prompt:
             raise PrivateLoRAError("the prompt is empty")
+        if self.draft_tokens < 1:
+            raise PrivateLoRAError("draft_tokens must be >= 1")
         self.sampler = Sampler(self.params)
+        self._drafts: list[int] = []
+        self._draft_probs = None
 
     @property
     def session(self) -> int:
         return self.device.session
 
+    def stats(self) -> dict:
+        """Round trips and drafting, for reports (no token values)."""
+        out = {"round_trips": self.round_trips,
+               "round_trips_per_token": self.round_trips / len(self.tokens) if self.tokens else None}
+        if self.draft is not None:
+            out["draft"] = {"name": getattr(self.draft, "name", "draft"), "proposed": self.proposed,
+                            "accepted": self.accepted, "verifies": self.verifies,
+                            "accept_rate": self.accepted / self.proposed if self.proposed else None}
+        return out
+
+    def _send(self, msg):
+        self.round_trips += 1
+        return msg
+
     def start(self):
         if self.params.max_new_tokens == 0:
             self.done, self.finish_reason = True, "length"
             return None
-        return self.device.hand_in(self.prompt, want_all=self.keep_logits)
+        return self._send(self.device.hand_in(self.prompt, want_all=self.keep_logits))
 
     def on(self, msg):
         if isinstance(msg, Activations):
-            return self.device.reply(msg)
+            return self._send(self.device.reply(msg))
         if isinstance(msg, Error):
             self.error, self.done, self.finish_reason = msg, True, "error"
             return None
         if not isinstance(msg, Handoff):
             raise PrivateLoRAError(f"unexpected message {type(msg).__name__}")
-        logits = self.device.logits(msg, all_rows=self.keep_logits and not self.tokens)
-        if self.keep_logits:
-            self.logits.append(logits.detach().clone())
-        tok = self.sampler(logits[-1])
-        self.tokens.append(tok)
-        if tok in self.params.stop_ids:
-            self.done, self.finish_reason = True, "stop"
-        elif len(self.tokens) >= self.params.max_new_tokens:
-            self.done, self.finish_reason = True, "length"
-        if self.done:
-            return None
-        return self.device.hand_in([tok], want_all=self.keep_logits)
+        drafts, self._drafts = self._drafts, []
+        if drafts:
+            logits = self.device.logits(msg, all_rows=True)       # one row per handed-in token
+            n, nxt = self.sampler.verify(logits, drafts, self._draft_probs)
+            self.proposed, self.accepted, self.verifies = self.proposed + len(drafts), self.accepted + n, \
+                self.verifies + 1
+            if n < len(drafts):
+                self.device.rewind(self.device.pos - (len(drafts) - n))
+            emitted = drafts[:n] + [nxt]
+            if self.keep_logits:
+                self.logits.append(logits[:n + 1].detach().clone())
+        else:
+            logits = self.device.logits(msg, all_rows=self.keep_logits and not self.tokens)
+            if self.keep_logits:
+                self.logits.append(logits.detach().clone())
+            emitted = [self.sampler(logits[-1])]
+        for tok in emitted:
+            self.tokens.append(tok)
+            if tok in self.params.stop_ids:
+                self.done, self.finish_reason = True, "stop"
+            elif len(self.tokens) >= self.params.max_new_tokens:
+                self.done, self.finish_reason = True, "length"
+            if self.done:
+                return None
+        last = self.tokens[-1]
+        room = self.params.max_new_tokens - len(self.tokens) - 1     # drafts beyond it are wasted
+        if self.draft is not None and room > 0:
+            self._drafts, self._draft_probs = self.draft.propose(
+                self.prompt + self.tokens, min(self.draft_tokens, room), self.sampler)
+            self._drafts = list(self._drafts)
+            if self._drafts:
+                return self._send(self.device.hand_in([last] + self._drafts, want_all=True))
+        return self._send(self.device.hand_in([last], want_all=self.keep_logits))

@@ -31,6 +31,8 @@ class EndpointEvents:
 
     def opened(self, session: int, now: float) -> None: ...
     def hand_in(self, session: int, tokens: int, first: bool, now: float) -> None: ...
+    def chain(self, session: int, generated: int, drafted: int, accepted: int, round_trips: int,
+              now: float) -> None: ...
     def hand_out(self, session: int, now: float) -> None: ...
     def activations(self, session: int, layer: int, now: float) -> None: ...
     def reply(self, session: int, layer: int, now: float) -> None: ...
@@ -58,6 +60,7 @@ class CloudEndpoint:
         self.cloud = cloud
         self.events = events or EndpointEvents()
         self._handed_in: set[int] = set()            # sessions whose first hand-off arrived
+        self._last_handoff: dict[int, tuple] = {}    # session -> (start, rows, first) of its last hand-off
         self._close_reason: dict[int, str] = {}
         self.scheduler = Scheduler(max_running=max_sessions,
                                    max_waiting=max_sessions if max_waiting is None else max_waiting,
@@ -137,7 +140,11 @@ class CloudEndpoint:
         now = time.monotonic()
         if isinstance(msg, wire.Open):
             g = msg.geometry
-            want = wire.session_geometry(self.cloud.layer_ids, self.cloud.hidden, self.cloud.cfg, g.dtype, g.max_tokens)
+            want = wire.session_geometry(self.cloud.exchange_ids, self.cloud.hidden, self.cloud.cfg, g.dtype, g.max_tokens)
+            if g.layers != want.layers:
+                raise wire.WireError("geometry_mismatch", f"this backbone adapts cloud layers {list(want.layers)}, the "
+                                     f"session declared {list(g.layers)}: the adapter's placement must match the "
+                                     "endpoint's --adapted-layers")
             if g != want:
                 raise wire.WireError("geometry_mismatch", f"this backbone serves {want}, session declared {g}")
             if g.max_tokens > self.cloud.max_tokens_per_request:
@@ -168,10 +175,31 @@ class CloudEndpoint:
             if isinstance(msg, wire.Handoff):
                 first = msg.session not in self._handed_in
                 self._handed_in.add(msg.session)
+                self._chain_done(msg.session, msg.start, tokens, first, now)
                 self.events.hand_in(msg.session, tokens, first, now)
             else:
                 self.events.reply(msg.session, msg.layer, now)
             self._wake.set()
+
+    def _chain_done(self, sid: int, start: int, rows: int, first: bool, now: float) -> None:
+        """What the session's previous chain yielded, read off hand-off positions: after its
+        first hand-off (the prompt) a device hands in its last sampled token plus any drafts,
+        and its next hand-off starts right after the positions it kept (a rewind drops the
+        rejected drafts). So the previous chain generated ``start - previous start`` tokens
+        (one, for the prompt's chain) and accepted one fewer of its drafts."""
+        prev = self._last_handoff.get(sid)
+        self._last_handoff[sid] = (start, rows, first)
+        if prev is None:
+            return
+        p_start, p_rows, p_first = prev
+        kept = start - p_start
+        if p_first:
+            generated, drafted, accepted = 1, 0, 0
+        elif 1 <= kept <= p_rows:
+            generated, drafted, accepted = kept, p_rows - 1, kept - 1
+        else:                      # not the pattern of a generating device (a rewind past its chain)
+            return
+        self.events.chain(sid, generated, drafted, accepted, len(self.cloud.exchange_ids) + 1, now)
 
     async def _refuse(self, sid: int, code: str, reason: str) -> None:
         """Answer ``Error`` on the session and close it (its cache is freed)."""
@@ -197,6 +225,7 @@ class CloudEndpoint:
                         await self._in_worker(self.trainer.close, sid)
                     self.closed_sessions += 1
                     self._handed_in.discard(sid)
+                    self._last_handoff.pop(sid, None)
                     self.events.closed(sid, self._close_reason.pop(sid, "closed"), now)
 
     async def _loop(self) -> None:

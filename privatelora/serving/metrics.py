@@ -51,6 +51,8 @@ FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
                 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ACCEPT_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
+RT_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 17, 24, 33, 48, 65)
 
 # every label name any privatelora_* series may carry (tests check the registry against it)
 LABELS = frozenset({"direction", "kind", "reason", "le"})
@@ -87,6 +89,11 @@ class MetricsEvents(EndpointEvents):
         self.queue_s = Histogram("privatelora_stage_queue_time_seconds", "Mean time a stage's items waited in the "
                                  "scheduler (arrival to batch), one observation per stage", buckets=FAST_BUCKETS,
                                  registry=r)
+        self.accepted = Histogram("privatelora_accepted_tokens_per_verify", "Drafted tokens the device accepted "
+                                  "in one speculative verify chain (read off its next hand-off's start)",
+                                  buckets=ACCEPT_BUCKETS, registry=r)
+        self.round_trips = Histogram("privatelora_round_trips_per_token", "Device round trips (adapted cloud "
+                                     "layers + 1) per token a chain generated", buckets=RT_BUCKETS, registry=r)
         self._first_in: dict[int, float] = {}   # session -> its prompt's arrival
         self._last_out: dict[int, float] = {}   # session -> its last hand-off sent
         self._sent: dict[int, float] = {}       # session -> its outstanding Activations sent
@@ -98,6 +105,11 @@ class MetricsEvents(EndpointEvents):
         if first:
             self._first_in[session] = now
             self.prompt_tokens.inc(tokens)
+
+    def chain(self, session, generated, drafted, accepted, round_trips, now):
+        if drafted:
+            self.accepted.observe(accepted)
+        self.round_trips.observe(round_trips / generated)
 
     def hand_out(self, session, now):
         self.generation_tokens.inc()

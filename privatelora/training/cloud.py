@@ -78,7 +78,7 @@ class _Layer:
     h: torch.Tensor                        # its input norm (graph from x)
     a: tuple                               # A h per A key (graph from x)
     m: tuple | None = None                 # the device's M a, leaves
-    y: torch.Tensor | None = None          # layer output (graph from x and m)
+    y: torch.Tensor | None = None          # output of the layer and the unadapted layers after it
     gx: torch.Tensor | None = None         # dL/dx through the W path, awaiting dL/da
 
 
@@ -88,8 +88,9 @@ class _Step:
     backward: bool
     n: int
     phase: str                             # "forward" | "grad_handoff" | "grad_activations"
-    at: int = 0                            # index into layer_ids of the layer waited on
+    at: int = 0                            # index into the adapted layers of the one waited on
     layers: list[_Layer] = field(default_factory=list)
+    prefix: tuple | None = None            # (x_in leaf, output) of unadapted layers before the first adapted
 
 
 class CloudTrainer:
@@ -99,7 +100,10 @@ class CloudTrainer:
         self.cloud = cloud                 # a CloudPart: its public weights, A, B, rotary
         self.cfg = cloud.cfg
         self.layer_ids = list(cloud.layer_ids)
-        self.head = self.cfg.device_head_layers > 0   # the device needs dL/dx_in
+        self.exchange = list(cloud.exchange_ids)     # adapted layers: one exchange each way
+        # the device needs dL/dx_in only when one of its head layers carries M
+        n = cloud.model_config.num_hidden_layers
+        self.head = any(i in self.cfg.adapted(n) for i in range(self.cfg.device_head_layers))
         self.max_sessions = max_sessions
         self.sessions: dict[int, _Step] = {}
         self.steps = 0                     # finished backward passes (stats)
@@ -153,7 +157,7 @@ class CloudTrainer:
         return tuple(self._tensor(t, rows, self.cfg.rank, what) for t in ts)
 
     def _expect(self, st: _Step, phase: str, layer: int | None = None) -> None:
-        want = self.layer_ids[st.at]
+        want = self.exchange[st.at] if st.at < len(self.exchange) else None
         if st.phase != phase or (layer is not None and layer != want):
             raise TrainingError("out_of_order", f"the step waits for {st.phase} of layer {want}")
 
@@ -178,11 +182,37 @@ class CloudTrainer:
         x = self._tensor(msg.hidden, n, self.cloud.hidden, "hidden")
         st = _Step(lengths, bool(msg.backward), n, "forward")
         self.sessions[sid] = st
+        first = self.layer_ids.index(self.exchange[0]) if self.exchange else len(self.layer_ids)
+        if first > 0:      # unadapted layers before the first adapted one: no exchange
+            x0 = x.detach().requires_grad_(st.backward and self.head)
+            with torch.set_grad_enabled(x0.requires_grad):
+                x = self._plain_run(x0, 0, first, st)
+            if x0.requires_grad:
+                st.prefix = (x0, x)
+        if not self.exchange:
+            return self._hand_back(sid, st, x)
         return self._emit(sid, st, x)
+
+    def _plain_run(self, x: torch.Tensor, lo: int, hi: int, st: _Step) -> torch.Tensor:
+        """Unadapted cloud layers ``layer_ids[lo:hi]`` (frozen W alone), back to back."""
+        segs = segments(st.lengths)
+        for layer in self.layer_ids[lo:hi]:
+            lw = self.cloud.layers[layer]
+            h = rms_norm(x, lw.ln1, lw.eps)
+            qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
+            x = finish_layer(lw, x, attention(lw, qkv["q"], qkv["k"], qkv["v"], segs, self.cloud.rotary, x))
+        return x
+
+    def _hand_back(self, sid: int, st: _Step, y: torch.Tensor) -> Handoff:
+        if st.backward:
+            st.phase = "grad_handoff"
+        else:
+            self.sessions.pop(sid, None)
+        return Handoff(sid, 0, y.detach().contiguous(), True)
 
     def _emit(self, sid: int, st: _Step, x: torch.Tensor) -> Activations:
         """Norm + A h of the layer ``st.at`` for input ``x``."""
-        layer = self.layer_ids[st.at]
+        layer = self.exchange[st.at]
         lw = self.cloud.layers[layer]
         proj = self.cloud.proj
         # the first layer's input needs no gradient unless device head layers made it
@@ -196,7 +226,7 @@ class CloudTrainer:
 
     def _absorb(self, sid: int, st: _Step, msg: Reply):
         self._expect(st, "forward", msg.layer)
-        layer, rec = self.layer_ids[st.at], st.layers[-1]
+        layer, rec = self.exchange[st.at], st.layers[-1]
         lw, proj = self.cloud.layers[layer], self.cloud.proj
         m = self._tensors(msg.m, len(self.cfg.targets), st.n, "reply")
         m = tuple(t.requires_grad_(st.backward) for t in m)
@@ -207,22 +237,37 @@ class CloudTrainer:
                 qkv[t] = qkv[t] + mt @ proj.B[(layer, t)].T
             y = finish_layer(lw, rec.x, attention(lw, qkv["q"], qkv["k"], qkv["v"], segs,
                                                    self.cloud.rotary, rec.x))
+            # the unadapted layers up to the next adapted one belong to this record's graph
+            pos = self.layer_ids.index(layer) + 1
+            nxt = self.layer_ids.index(self.exchange[st.at + 1]) if st.at + 1 < len(self.exchange) \
+                else len(self.layer_ids)
+            y = self._plain_run(y, pos, nxt, st)
         if st.backward:
             rec.m, rec.y = m, y
-        if st.at + 1 < len(self.layer_ids):
+        if st.at + 1 < len(self.exchange):
             st.at += 1
             return self._emit(sid, st, y)
-        if st.backward:
-            st.phase = "grad_handoff"
-        else:
-            self.sessions.pop(sid, None)
-        return Handoff(sid, 0, y.detach().contiguous(), True)
+        return self._hand_back(sid, st, y)
 
     # ---- backward -----------------------------------------------------------------------
     def _grad_handoff(self, sid: int, st: _Step, msg: GradHandoff):
         self._expect(st, "grad_handoff")
         g = self._tensor(msg.grad, st.n, self.cloud.hidden, "grad")
+        if not self.exchange:
+            return self._end(sid, st, g)
         return self._backward_layer(sid, st, g)
+
+    def _end(self, sid: int, st: _Step, gx):
+        """The backward reached the cloud's input: through the unadapted prefix, if any, to
+        the device's head layers (``GradInput``), or done."""
+        if st.prefix is not None:
+            x0, y0 = st.prefix
+            with torch.enable_grad():
+                (gx,) = torch.autograd.grad(y0, [x0], gx)
+            st.prefix = None
+        self.sessions.pop(sid, None)
+        self.steps += 1
+        return GradInput(sid, gx.contiguous()) if self.head else GradDone(sid)
 
     def _backward_layer(self, sid: int, st: _Step, gy: torch.Tensor) -> GradReply:
         """dL/dm (to the device) and dL/dx through the W path (kept) of layer ``st.at``."""
@@ -234,7 +279,7 @@ class CloudTrainer:
         rec.gx = grads[len(rec.m)] if rec.x.requires_grad else None
         rec.y = rec.m = None
         st.phase = "grad_activations"
-        return GradReply(sid, self.layer_ids[st.at], tuple(g.contiguous() for g in gm))
+        return GradReply(sid, self.exchange[st.at], tuple(g.contiguous() for g in gm))
 
     def _grad_activations(self, sid: int, st: _Step, msg: GradActivations):
         self._expect(st, "grad_activations", msg.layer)
@@ -249,9 +294,7 @@ class CloudTrainer:
         if st.at > 0:
             st.at -= 1
             return self._backward_layer(sid, st, gx)
-        self.sessions.pop(sid, None)
-        self.steps += 1
-        return GradInput(sid, gx.contiguous()) if self.head else GradDone(sid)
+        return self._end(sid, st, gx)
 
 
 # ---------------------------------------------------------------- device

@@ -32,7 +32,7 @@ def _local_layer(part, i: int, x: torch.Tensor, segs) -> torch.Tensor:
     lw, proj = part.local[i], part.proj
     h = rms_norm(x, lw.ln1, lw.eps)
     qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
-    for t in part.cfg.targets:
+    for t in (part.cfg.targets if i in part.adapted else ()):
         a = h @ proj.A[(i, proj.a_key(t))].T
         qkv[t] = qkv[t] + (a @ part.adapter.get(i, t).T) @ proj.B[(i, t)].T
     return finish_layer(lw, x, attention(lw, qkv["q"], qkv["k"], qkv["v"], segs, part.rotary, x))
@@ -62,7 +62,7 @@ class TrainStep:
         self.denominator = float(denominator if denominator is not None else max(self.tokens, 1))
         self.loss_sum: float | None = None                        # nats over label tokens
         self.done = False
-        self._layers = part.cloud_layer_ids
+        self._layers = part.exchange_ids                          # adapted cloud layers, in order
         self._k = 0                                                # next cloud layer expected
         self._a: dict[int, tuple] = {}                             # layer -> A h received
         self._phase = "new"
@@ -86,7 +86,7 @@ class TrainStep:
         with torch.set_grad_enabled(self.backward):
             for i in self.part.head_ids:
                 x = _local_layer(self.part, i, x, segs)
-        self._x_in = x if (self.backward and self.part.head_ids) else None
+        self._x_in = x if (self.backward and x.requires_grad) else None   # head layers carrying M
         self._phase = "forward"
         return TrainHandoff(self.session, tuple(self.lengths), x.detach().contiguous(), self.backward)
 
@@ -208,10 +208,11 @@ def monolithic_loss_and_grads(backbone, adapter, inputs, labels, denominator: fl
     """(mean loss, {M name: dL/dM}) from the unsplit HF model: forward hooks add
     ``B (M (A x))`` to the outputs of q/k/v (x: the projection's input), M a torch leaf."""
     model, cfg = backbone.model, adapter.cfg
-    proj = PublicProjections(model.config, cfg, range(backbone.n_layers), device=model.device)
+    proj = PublicProjections(model.config, cfg, adapter.layers, device=model.device)
     leaves = {name: M.detach().clone().requires_grad_(True) for name, M in adapter.named_parameters()}
     hooks = []
-    for i, layer in enumerate(model.model.layers):
+    for i in adapter.layers:                # the placement: only these layers carry M
+        layer = model.model.layers[i]
         for t in cfg.targets:
             A, B, M = proj.A[(i, proj.a_key(t))], proj.B[(i, t)], leaves[m_name(i, t)]
             hooks.append(getattr(layer.self_attn, f"{t}_proj").register_forward_hook(

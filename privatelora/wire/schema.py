@@ -69,8 +69,8 @@ class Geometry:
                 or not all(type(x) is str and NAME_RE.fullmatch(x) for x in t) \
                 or len(set(t)) != len(t):
             raise g("bad_geometry", "targets must be 1-16 distinct short lowercase names")
-        if type(ls) is not tuple or not 1 <= len(ls) <= MAX_LAYERS:
-            raise g("bad_geometry", f"layers must be a tuple of 1-{MAX_LAYERS} ints")
+        if type(ls) is not tuple or not len(ls) <= MAX_LAYERS:   # empty: no adapted cloud layer
+            raise g("bad_geometry", f"layers must be a tuple of 0-{MAX_LAYERS} ints")
         for x in ls:
             check_int(x, "layer", 0, 65535, g, c)
         if any(b <= a for a, b in zip(ls, ls[1:])):
