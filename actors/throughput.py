@@ -87,7 +87,7 @@ def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *
 
 def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback", new_tokens: int = 32,
         prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = False, hf: bool = True, dtype: str = "fp32",
-        edge_hosts: int = 0, address=None, quiet: bool = False) -> dict:
+        edge_hosts: int = 0, address=None, quiet: bool = False, adapted_layers: str = "all") -> dict:
     import torch
 
     from privatelora.bench.geometry import GEOMETRIES, geometry_checkpoint
@@ -113,7 +113,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
 
     model = geometry_checkpoint(geometry, quiet=quiet)
     mc = _config(model)
-    cfg = PrivateLoRAConfig(rank=RANKS[geometry])
+    cfg = PrivateLoRAConfig(rank=RANKS[geometry], adapted_layers=adapted_layers)
     say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
         if address in (None, "local") else f"joining {address}")
     _connect(address)
@@ -127,7 +127,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         prompts = [torch.randint(0, mc.vocab_size, (prompt_tokens,), generator=g).tolist() for _ in range(users[-1])]
         devices.decode([p[:4] for p in prompts], 4, 0.0, link)      # warm up: connections, caches
         shaped = profile.shaped
-        link_s = link_step_s(profile, len(info["layers"]), mc.hidden_size, cfg.rank, cfg.shared_a, dtype)
+        # a decode step's round trips: one per adapted cloud layer, plus the hand-offs
+        link_s = link_step_s(profile, len(info["adapted_layers"]), mc.hidden_size, cfg.rank, cfg.shared_a, dtype)
         rows = []
         for b in users:
             row = {"users": b}
@@ -160,7 +161,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         ray.shutdown()
     base = rows[0]
     top = rows[-1]
-    out = {"geometry": geometry, "link": profile.name, "rank": cfg.rank, "layers": len(info["layers"]), "dtype": dtype, "edge_hosts": edge_hosts,
+    out = {"geometry": geometry, "link": profile.name, "rank": cfg.rank, "layers": len(info["layers"]),
+           "adapted_layers": adapted_layers, "dtype": dtype, "edge_hosts": edge_hosts,
            "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "gather_ms": gather_ms, "merge": merge,
            "cores": {"backbone": pool.cloud_cores, "edges": pool.edge_cores}, "results": rows,
            "total_seconds": time.time() - t_start}

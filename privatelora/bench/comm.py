@@ -67,7 +67,7 @@ def comm(geometry: str = "7b", rank: int = 128, shared_a: bool = False, dtype: s
         b = snap["prefill"].get(direction, {}).get(kind, {}).get(field, 0)
         return a - b
 
-    layers = len(split.cloud.layer_ids)
+    layers = len(split.cloud.exchange_ids)
     steps = new_tokens - 1       # decode steps that went through the cloud
     per = steps * layers
     assert delta("down", "activations", "frames") == per and delta("up", "reply", "frames") == per

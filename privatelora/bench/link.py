@@ -12,7 +12,7 @@ from privatelora.bench.geometry import geometry_model, one_thread
 
 
 def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = "fp16", prompt_tokens: int = 8,
-         new_tokens: int = 24, seed: int = 0, quiet: bool = False, backbone=None) -> dict:
+         new_tokens: int = 24, seed: int = 0, quiet: bool = False, backbone=None, adapted_layers: str = "all") -> dict:
     """Single-user decode rate over an emulated link vs what the link model predicts.
 
     Prediction = the same decode measured on loopback (all compute and codec work) + the
@@ -33,7 +33,7 @@ def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = 
     one_thread()
     profile = get_profile(link)
     bb = backbone or geometry_model(geometry, seed=seed)
-    split = build_split(cfg=PrivateLoRAConfig(rank=rank), backbone=bb)
+    split = build_split(cfg=PrivateLoRAConfig(rank=rank, adapted_layers=adapted_layers), backbone=bb)
     split.adapter.randomize_(seed + 1, scale=0.5)
     prompt = torch.randint(0, bb.config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -67,7 +67,7 @@ def link(geometry: str = "tiny", link: str = "5g", rank: int = 16, dtype: str = 
         f = end[direction][kind]["frames"] - before[direction][kind]["frames"]
         return (end[direction][kind]["wire"] - before[direction][kind]["wire"]) / f
 
-    layers = len(split.cloud.layer_ids)
+    layers = len(split.cloud.exchange_ids)
     step = [("up", mean_frame("up", "handoff"))]
     step += [("down", mean_frame("down", "activations")), ("up", mean_frame("up", "reply"))] * layers
     step += [("down", mean_frame("down", "handoff"))]

@@ -8,8 +8,9 @@ from privatelora.bench.comm import comm
 from privatelora.bench.fidelity import fidelity
 from privatelora.bench.geometry import GEOMETRIES
 from privatelora.bench.link import link
+from privatelora.cli import latency as latency_cli
 from privatelora.cli.common import stdout_kept_for_json
-from privatelora.config import UsageError
+from privatelora.config import PLACEMENT_HELP, PrivateLoRAConfig, UsageError
 
 
 def print_fidelity(r):
@@ -56,11 +57,13 @@ def add_commands(sub):
     ln.add_argument("--rank", type=int, default=16)
     ln.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp16")
     ln.add_argument("--new-tokens", type=int, default=24)
+    ln.add_argument("--adapted-layers", metavar="SPEC", default="all", help=PLACEMENT_HELP)
     ln.add_argument("--json", action="store_true")
 
     def run_link(args):
         try:
-            return link(args.geometry, args.link, args.rank, args.dtype, new_tokens=args.new_tokens, quiet=args.json)
+            return link(args.geometry, args.link, args.rank, args.dtype, new_tokens=args.new_tokens, quiet=args.json,
+                        adapted_layers=args.adapted_layers)
         except ValueError as e:
             raise UsageError(str(e))
     ln.set_defaults(func=run_link, printer=print_link)
@@ -85,11 +88,27 @@ def add_commands(sub):
     mo = bsub.add_parser("model", help="the paper's analytic throughput model next to ours (latency, batching, wire)")
     mo.add_argument("--rtt-ms", type=float, nargs="*", default=[0.0, 20.0], help="round trips to evaluate")
     mo.add_argument("--users", type=int, nargs="*", default=[1, 8, 32])
+    mo.add_argument("--accept-rate", type=float, default=0.45, metavar="FLOAT",
+                    help="per-token acceptance of drafted tokens, in (0, 1], for one more row per model "
+                         "(last:2 placement); default 0.45: the shipped tiny draft's acceptance measured by "
+                         "`bench latency` over 5G (a personalized M, last:1, K = 4) - an example, use your own")
+    mo.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                    help="tokens drafted on the device per chain for that row (0: no draft)")
     mo.add_argument("--json", action="store_true")
 
     def run_model(args):
         from privatelora.bench.perfmodel import report
-        return report(rtts=tuple(r / 1000 for r in args.rtt_ms), users=tuple(args.users))
+        if not 0.0 < args.accept_rate <= 1.0:
+            raise UsageError(f"--accept-rate must be in (0, 1], not {args.accept_rate}")
+        if not 0 <= args.draft_tokens <= 256:
+            raise UsageError(f"--draft-tokens must be in 0..256, not {args.draft_tokens}")
+        if any(not 0.0 <= r < float("inf") for r in args.rtt_ms):
+            raise UsageError("--rtt-ms values must be finite and >= 0")
+        try:
+            return report(rtts=tuple(r / 1000 for r in args.rtt_ms), users=tuple(args.users),
+                          draft_tokens=args.draft_tokens, accept_rate=args.accept_rate)
+        except ValueError as e:
+            raise UsageError(str(e))
 
     def print_model(r):
         print(f"{'model':12} {'paper table':>11} {'paper formula':>13} {'device-only 4b':>14} {'A100 only':>9}")
@@ -102,6 +121,20 @@ def add_commands(sub):
                 agg = ", ".join(f"{u}: {v:.0f}" for u, v in o["aggregate_tps"].items())
                 print(f"  {m['model']:12} r={o['rank']:<4} {'shared A' if o['shared_a'] else 'separate A':10} "
                       f"{o['dtype']:5} rtt {o['rtt_ms']:4.0f} ms: {o['single_user_tps']:6.2f} | {agg}")
+        w = r["assumptions"]["latency_wire"]
+        for rtt in sorted({x["rtt_ms"] for x in r["latency"]}, key=lambda v: (v != 20.0, v)):
+            print(f"\none user, {rtt:g} ms round trip: placement and speculation (r={w['rank']}, "
+                  f"{'shared A' if w['shared_a'] else 'separate A'}, {w['dtype']}; tokens/s; * = --draft-tokens/"
+                  f"--accept-rate):")
+            print(f"  {'model':12} {'adapted':>13} {'draft K':>7} {'accept':>6} {'one user':>8} {'device-only':>11}")
+            for x in r["latency"]:
+                if x["rtt_ms"] != rtt:
+                    continue
+                acc = f"{x['accept_rate']:.2f}" if x["draft_tokens"] else "-"
+                where = f"{x['placement']} ({x['adapted_layers']})"
+                print(f"  {x['model']:12} {where:>13} {x['draft_tokens']:7d} {acc:>6} "
+                      f"{x['tok_s_one_user']:8.2f} {r['device_only_tps'][x['model']]:11.1f}"
+                      f"{' *' if x['requested'] else ''}")
     mo.set_defaults(func=run_model, printer=print_model)
 
     def run_comm(args):
@@ -134,6 +167,7 @@ def add_commands(sub):
     th.add_argument("--merge", action="store_true",
                     help="ours: stages also wait (within --gather-ms) for sessions behind them, merging cohorts")
     th.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32", help="wire dtype")
+    th.add_argument("--adapted-layers", metavar="SPEC", default="all", help=PLACEMENT_HELP)
     th.add_argument("--edge-hosts", type=int, default=0, metavar="K",
                     help="carry the users on K edge hosts (one process and connection each, so over an "
                          "emulated link a host's users share it) instead of one edge actor per user (default)")
@@ -147,6 +181,10 @@ def add_commands(sub):
             users = [int(u) for u in args.users.split(",") if u.strip()]
         except ValueError:
             raise UsageError(f"--users must be comma-separated integers, not {args.users!r}")
+        try:
+            PrivateLoRAConfig(adapted_layers=args.adapted_layers)      # before any Ray work
+        except ValueError as e:
+            raise UsageError(str(e))
         from privatelora.transport.link import get_profile
         try:
             get_profile(args.link)
@@ -160,12 +198,14 @@ def add_commands(sub):
         from privatelora.actors.throughput import run
         with stdout_kept_for_json():
             out = run(args.geometry, users, args.link, args.new_tokens, args.prompt_tokens, args.gather_ms, args.merge,
-                      hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address)
+                      hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address,
+                      adapted_layers=args.adapted_layers)
         if args.plot:
             from privatelora.bench.throughput import plot
             plot(out, args.plot)
         return out
     th.set_defaults(func=run_throughput, printer=print_throughput)
+    latency_cli.add_command(bsub)
 
 
 def print_throughput(r):
