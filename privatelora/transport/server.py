@@ -287,8 +287,8 @@ class Server:
             await self.handler(conn, msg)
         except Exception as e:  # the application rejected the session
             self._forget(conn, s)
-            code = e.code if isinstance(e, wire.WireError) else "rejected"
-            self._refuse(conn, wire.WireError(code, str(e) or type(e).__name__), s, key=msg.key)
+            code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("rejected", str(e))
+            self._refuse(conn, wire.WireError(code, reason or type(e).__name__), s, key=msg.key)
             return
         conn._write(wire.Opened(s))
 
