@@ -18,7 +18,8 @@ from privatelora.placement.cluster import connect
 from privatelora.actors.pool import Pool
 
 
-def _connect(address):
+def join_cluster(address):
+    """Join or start the Ray cluster; a clear usage error if it cannot serve (no cloud resource)."""
     try:
         connect(address)
     except ConnectionError as e:
@@ -33,7 +34,7 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
     metrics_port, sd_file = getattr(args, "metrics_port", 0), getattr(args, "metrics_sd_file", None)
     if sd_file and not metrics_port:
         raise UsageError("--metrics-sd-file needs --metrics-port")
-    _connect(args.address)
+    join_cluster(args.address)
     started = time.time()
     pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
                 idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port)
@@ -81,7 +82,7 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
             print(f"[demo {time.time() - t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
     say("starting a local Ray cluster with cloud and edge resources" if address in (None, "local")
         else f"joining the Ray cluster at {address}")
-    _connect(address)
+    join_cluster(address)
     cfg = PrivateLoRAConfig(rank=rank, adapted_layers=adapted_layers)
     backbone = load_backbone(model)
     cfg.adapted(backbone.n_layers)                     # a placement this model cannot take fails before Ray work

@@ -25,7 +25,7 @@ import ray
 from privatelora.config import PrivateLoRAConfig, UsageError
 from privatelora.bench.throughput import decode_rate, link_step_s, predict_tps
 
-from privatelora.actors.commands import _connect
+from privatelora.actors.commands import join_cluster
 from privatelora.actors.pool import Pool
 
 RANKS = {"bench": 32, "tiny": 16}      # privatelora/bench/geometry.py
@@ -116,7 +116,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
     cfg = PrivateLoRAConfig(rank=RANKS[geometry], adapted_layers=adapted_layers)
     say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
         if address in (None, "local") else f"joining {address}")
-    _connect(address)
+    join_cluster(address)
     pool = Pool(model, cfg, replicas=1, pin_cores=True, gather_s=gather_ms / 1000)   # pins where 2+ cores
     try:
         info = pool.infos[0]
