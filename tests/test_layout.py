@@ -204,3 +204,25 @@ def test_design_doc_exists():
     design = REPO / "docs" / "design.md"
     assert design.is_file(), "docs/design.md is missing"
     assert len(design.read_text(encoding="utf-8")) > 2000, "docs/design.md is too short"
+
+
+def private_imports(roots: dict[str, Path]) -> list[str]:
+    """``from other_module import _name`` across modules of the project: each module's
+    public surface is what others may use (``__version__``-style dunders excepted)."""
+    mods = modules(roots)
+    found = []
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("privatelora"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and target not in mods:
+                        found.append(f"{name}:{node.lineno} imports {alias.name} from {node.module}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    assert private_imports(ROOTS) == []
+    _write(tmp_path / "fake", {"__init__.py": "", "a.py": "def _hidden(): pass\n",
+                               "b.py": "def f():\n    from privatelora.a import _hidden\n"})
+    assert private_imports({"privatelora": tmp_path / "fake"}) == ["privatelora.b:2 imports _hidden from privatelora.a"]
