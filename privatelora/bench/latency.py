@@ -49,34 +49,19 @@ def _percentile(xs: list[float], q: float) -> float:
 
 async def _decode(client, part, prompt, new_tokens: int, draft, draft_tokens: int, temperature: float) -> dict:
     """One generation over ``client``; arrival time of every token chunk and the counts."""
-    from privatelora import wire
     from privatelora.model.sampling import SamplingParams
-    from privatelora.runtime.generation import Generation
-    geometry = wire.session_geometry(part.exchange_ids, part.model_config.hidden_size, part.cfg, "fp32")
-    sess = await client.open(geometry)
-    if draft is not None:
-        draft.reset()
-    gen = Generation(part.session(sess.id), list(prompt),
-                     SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=0),
-                     draft=draft, draft_tokens=draft_tokens)
+    from privatelora.serving.remote import run_remote
     chunks: list[tuple[float, int]] = []          # (arrival time, tokens in the chunk)
-    first_rt = 0
-    try:
-        msg = gen.start()
-        while msg is not None:
-            await sess.send(msg, dtype=wire.HANDOFF_DTYPE["fp32"] if isinstance(msg, wire.Handoff) else None)
-            ans = await sess.recv(120.0)
-            have = len(gen.tokens)
-            msg = gen.on(ans)
-            if len(gen.tokens) > have:
-                if not chunks:       # the prefill's token: count round trips from the next chain on
-                    first_rt = gen.round_trips - (1 if msg is not None else 0)
-                chunks.append((time.perf_counter(), len(gen.tokens) - have))
-    finally:
-        await sess.close()
+
+    def arrived(total: int) -> None:
+        chunks.append((time.perf_counter(), total - sum(n for _, n in chunks)))
+    gen = await run_remote(client, part, prompt, SamplingParams(max_new_tokens=new_tokens, temperature=temperature,
+                                                                seed=0),
+                           timeout=120.0, draft=draft, draft_tokens=draft_tokens, on_tokens=arrived)
     if gen.error is not None:
         raise RuntimeError(f"the cloud refused: {gen.error.code} {gen.error.reason}")
-    return {"chunks": chunks, "tokens": len(gen.tokens), "round_trips": gen.round_trips - first_rt,
+    # the prefill's chain (its token is the first) costs one round trip per adapted cloud layer + 1
+    return {"chunks": chunks, "tokens": len(gen.tokens), "round_trips": gen.round_trips - len(part.exchange_ids) - 1,
             "proposed": gen.proposed, "accepted": gen.accepted}
 
 
@@ -131,18 +116,19 @@ def run(geometry: str = "tiny", link: str = "5g", users: int = 1, new_tokens: in
     bb = load_backbone("tiny") if geometry == "tiny" else geometry_model(geometry, layers=16, seed=seed)
     placements = list(placements or PLACEMENTS[geometry])
     drafts = list(drafts if drafts is not None else (["ngram", "tiny"] if geometry == "tiny" else ["ngram"]))
-    for name in drafts:           # a bad draft fails now, not after minutes of measuring
-        load_draft(name, bb)
     counts = sorted({1, users})
+    # one draft per concurrent user, loaded once (a bad one fails now, not after minutes of
+    # measuring); run_remote resets a draft's state at the start of each session
+    pool = {name: [load_draft(name, bb) for _ in range(max(counts))] for name in drafts}
     prompts = _prompts(bb.tokenizer, bb.config.vocab_size, repeats * max(counts), prompt_tokens, seed)
     results, device_only = [], []
 
     async def measure(ep, part, draft_name, n_users, rep) -> dict:
         clients = [await Client.connect(*ep.address, link=profile, seed=seed + 97 * rep + u) for u in range(n_users)]
         try:
-            fresh = [load_draft(draft_name, bb) if draft_name else None for _ in range(n_users)]
-            jobs = [_decode(c, part, prompts[(rep * n_users + u) % len(prompts)], new_tokens, fresh[u], draft_tokens,
-                            temperature) for u, c in enumerate(clients)]
+            jobs = [_decode(c, part, prompts[(rep * n_users + u) % len(prompts)], new_tokens,
+                            pool[draft_name][u] if draft_name else None, draft_tokens, temperature)
+                    for u, c in enumerate(clients)]
             return _summary(await asyncio.gather(*jobs))
         finally:
             for c in clients:

@@ -67,7 +67,6 @@ class ModelDraft:
     def reset(self) -> None:
         self.cache = None
         self.seen: list[int] = []       # tokens the cache holds
-        self.last = None                # logits after the last token the cache holds
 
     def _crop(self, keep: int) -> None:
         """Keep the first ``keep`` positions of the cache (transformers removes by count)."""
@@ -93,25 +92,21 @@ class ModelDraft:
             k = self.max_positions - len(context)
         if k <= 0:
             return [], None
-        # the context only grows by accepted tokens: keep the common prefix, feed the rest
+        # the context only grows by accepted tokens: keep the cached common prefix and feed the
+        # rest, at least the last token, whose logits start the drafts
         common = 0
         for a, b in zip(self.seen, context):
             if a != b:
                 break
             common += 1
-        if common < len(self.seen):
-            if common == 0:
-                self.reset()
-            else:
-                self._crop(common)
-                self.last = None
-        if len(self.seen) < len(context):
-            self.last = self._feed(context[len(self.seen):])
-        elif self.last is None:             # cropped to exactly the context: recompute its last logits
-            self._crop(len(context) - 1)
-            self.last = self._feed(context[-1:])
+        keep = min(common, len(context) - 1)
+        if keep == 0:
+            self.reset()
+        elif keep < len(self.seen):
+            self._crop(keep)
+        logits = self._feed(context[keep:])
         greedy = sampler is None or sampler.greedy
-        logits, tokens, probs = self.last, [], []
+        tokens, probs = [], []
         for i in range(k):
             if greedy:
                 tok = int(torch.argmax(logits))

@@ -111,9 +111,9 @@ class Generation:
         last = self.tokens[-1]
         room = self.params.max_new_tokens - len(self.tokens) - 1     # drafts beyond it are wasted
         if self.draft is not None and room > 0:
-            self._drafts, self._draft_probs = self.draft.propose(
+            drafts, self._draft_probs = self.draft.propose(
                 self.prompt + self.tokens, min(self.draft_tokens, room), self.sampler)
-            self._drafts = list(self._drafts)
+            self._drafts = list(drafts)
             if self._drafts:
                 return self._send(self.device.hand_in([last] + self._drafts, want_all=True))
         return self._send(self.device.hand_in([last], want_all=self.keep_logits))

@@ -59,7 +59,6 @@ class CloudEndpoint:
                  events: EndpointEvents | None = None, **server_kw):
         self.cloud = cloud
         self.events = events or EndpointEvents()
-        self._handed_in: set[int] = set()            # sessions whose first hand-off arrived
         self._last_handoff: dict[int, tuple] = {}    # session -> (start, rows, first) of its last hand-off
         self._close_reason: dict[int, str] = {}
         self.scheduler = Scheduler(max_running=max_sessions,
@@ -173,8 +172,7 @@ class CloudEndpoint:
             except UnknownSession:
                 return
             if isinstance(msg, wire.Handoff):
-                first = msg.session not in self._handed_in
-                self._handed_in.add(msg.session)
+                first = msg.session not in self._last_handoff
                 self._chain_done(msg.session, msg.start, tokens, first, now)
                 self.events.hand_in(msg.session, tokens, first, now)
             else:
@@ -224,7 +222,6 @@ class CloudEndpoint:
                     if self.trainer is not None:
                         await self._in_worker(self.trainer.close, sid)
                     self.closed_sessions += 1
-                    self._handed_in.discard(sid)
                     self._last_handoff.pop(sid, None)
                     self.events.closed(sid, self._close_reason.pop(sid, "closed"), now)
 
