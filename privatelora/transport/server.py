@@ -12,6 +12,20 @@ Contract
   frame, a header that is not ours (garbage stream), ``MAX_REFUSALS_IN_A_ROW`` refusals in
   a row or a peer that stops reading close that one connection (``Server.disconnects``).
   No exception from a frame, a handler or a connection reaches the server.
+- Sending never waits on the peer. ``send_nowait`` encodes the frame (an encoder error is
+  raised to the caller, who turns it into an ``Error`` for that session) and hands it whole
+  to the connection's transport; one writer task per connection waits for the socket to
+  drain. A peer whose unsent bytes pass ``max_pending_write`` (``slow_reader``) or whose
+  socket does not drain within ``send_timeout_s`` (``send_timeout``) is disconnected: its
+  read loop ends, and every session it opened gets a synthesised ``Close``.
+- Slow and idle peers: a frame, once begun, must be whole within ``frame_timeout_s``
+  (``slow_frame``); a connection that holds no session must send within
+  ``idle_connection_s`` (``idle``), and its frames may not exceed ``OPEN_MAX_FRAME`` (an
+  unauthenticated peer cannot make the server buffer a large frame). A declined ``Open``
+  (busy, geometry, session in use) is not a protocol breach, but ``MAX_REFUSALS_IN_A_ROW``
+  of them, or of ignored frames, still close the connection. ``Server.forget(session)``:
+  the application ended a session itself (and told the device why); the device's
+  ``Close`` for it is then ignored, any other frame for it refused.
 - Handlers: ``async def handle(conn, msg)``, called in frame order per connection. It
   sees ``Open`` (raise to reject; the server then answers ``Error``, else ``Opened``),
   ``Close`` (also synthesised for every session still open when its connection drops),
@@ -51,7 +65,15 @@ log = logging.getLogger(__name__)
 
 MAX_REFUSALS_IN_A_ROW = 16  # a peer that only sends refused frames is not speaking our protocol
 MAX_PENDING_WRITE = 4 << 20  # a peer that does not read its answers is dropped
+SEND_TIMEOUT_S = 10.0  # ... and so is one whose socket does not drain for this long
 _FATAL = frozenset({"bad_version", "bad_header", "truncated", "too_large", "bad_length"})
+FRAME_TIMEOUT_S = 30.0  # a frame, once begun, must be whole within this long (slow-loris)
+IDLE_CONNECTION_S = 60.0  # a connection holding no session must send within this long
+MAX_RETIRED = 1024  # ended sessions remembered per connection, for their devices' Close
+OPEN_MAX_FRAME = 64 << 10  # the largest frame a connection without a session may send (an Open)
+_STREAM_END = {"slow_frame": "a frame was not whole within the frame timeout",
+               "idle": "no session opened and nothing sent within the idle timeout",
+               "too_large": "the frame's length is above this connection's limit"}
 
 
 
@@ -73,6 +95,10 @@ class ServerConnection:
         self.sessions: dict[int, _SessionState] = {}
         self.stats = ByteStats()
         self.refusals: Counter[str] = Counter()
+        self.closed_reason: str | None = None  # why the server cut this connection, once it has
+        self.retired: dict[int, bool] = {}  # sessions the app ended, until the device's Close (oldest first)
+        self._kick = asyncio.Event()  # the transport holds unsent bytes: the writer task waits them out
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
     def __repr__(self) -> str:
         return f"ServerConnection(id={self.id}, peer={self.peer}, sessions={len(self.sessions)})"
@@ -94,18 +120,52 @@ class ServerConnection:
             msg, key=key or (st.key if st else None), direction=wire.DOWN, dtype=dtype,
             geometry=st.geometry if st else None, compress=self.server.compress,
             max_frame=self.server.max_frame)
-        if self._writer.is_closing():
+        if self.closed_reason is not None or self._writer.is_closing():
             raise ConnectionResetError("connection closed")
         self._writer.write(frame)  # one write per frame: frames never interleave
         self.stats.add(wire.DOWN, info)
         self.server.stats.add(wire.DOWN, info)
+        unsent = self._writer.transport.get_write_buffer_size()
+        if unsent > self.server.max_pending_write:
+            self.abort("slow_reader")
+            raise ConnectionResetError(f"peer left {unsent} bytes unread")
+        if unsent:
+            self._kick.set()
         return info
 
+    def send_nowait(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        """Send a cloud -> device message on a session of this connection, without waiting
+        for the peer. Raises the encoder's error, or ``ConnectionResetError`` if the
+        connection is gone (or was just cut for not reading)."""
+        return self._write(msg, dtype=dtype)
+
     async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
-        """Send a cloud -> device message on a session of this connection."""
-        info = self._write(msg, dtype=dtype)
-        await self._writer.drain()
-        return info
+        """``send_nowait`` (kept awaitable for callers that are coroutines)."""
+        return self._write(msg, dtype=dtype)
+
+    def abort(self, code: str) -> None:
+        """Cut the connection now (its read loop ends and its sessions are closed)."""
+        if self.closed_reason is None:
+            self.closed_reason = code
+            self.server.disconnects[code] += 1
+        self._writer.transport.abort()
+
+    async def _pump(self) -> None:
+        """The connection's one writer: waits for the socket to drain, within the deadline."""
+        try:
+            while True:
+                await self._kick.wait()
+                self._kick.clear()
+                try:
+                    async with asyncio.timeout(self.server.send_timeout_s):
+                        await self._writer.drain()
+                except TimeoutError:
+                    self.abort("send_timeout")
+                    return
+        except (ConnectionError, ssl.SSLError, RuntimeError):
+            self.abort("connection_error")
+        except asyncio.CancelledError:
+            pass
 
 
 class Server:
@@ -115,7 +175,13 @@ class Server:
                  cert: str | None = None, key: str | None = None, ca: str | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  max_frame: int = wire.DEFAULT_MAX_FRAME, compress: str = "auto",
-                 disconnect_on_refusal: bool = False):
+                 disconnect_on_refusal: bool = False, send_timeout_s: float = SEND_TIMEOUT_S,
+                 max_pending_write: int = MAX_PENDING_WRITE, frame_timeout_s: float = FRAME_TIMEOUT_S,
+                 idle_connection_s: float = IDLE_CONNECTION_S):
+        if min(send_timeout_s, frame_timeout_s, idle_connection_s) <= 0 or max_pending_write < 1:
+            raise ValueError("send_timeout_s, frame_timeout_s and idle_connection_s must be > 0, "
+                             "max_pending_write >= 1")
+        self.frame_timeout_s, self.idle_connection_s = frame_timeout_s, idle_connection_s
         if ssl_context is None and cert:
             ssl_context = server_ssl_context(cert, key, ca)
         if ssl_context is None and not is_loopback(host):
@@ -127,10 +193,12 @@ class Server:
         self.ssl_context, self.max_frame, self.compress = ssl_context, max_frame, compress
         # serving sets this: a peer that breaks the protocol once gets its Error, then is cut off
         self.disconnect_on_refusal = disconnect_on_refusal
+        self.send_timeout_s, self.max_pending_write = send_timeout_s, max_pending_write
         self.tap: Callable[[int, bytes], None] | None = None  # sees every incoming frame (audits)
         self.refusals: Counter[str] = Counter()  # refused frames, by code
         self.disconnects: Counter[str] = Counter()  # connections closed for cause, by code
         self.handler_errors: Counter[str] = Counter()  # handler exceptions, by type name
+        self.ignored: Counter[str] = Counter()  # frames dropped as harmless (Close of a closed session)
         self.stats = ByteStats()
         self.connections: set[ServerConnection] = set()
         self._owner: dict[int, ServerConnection] = {}  # session -> connection that opened it
@@ -163,12 +231,20 @@ class Server:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
-        """Send to whichever connection opened ``msg.session``."""
+    def send_nowait(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        """Send to whichever connection opened ``msg.session``, without waiting for it
+        (``ServerConnection.send_nowait``)."""
         conn = self._owner.get(msg.session)
         if conn is None:
-            raise wire.AuthError("unknown_session", f"session {msg.session} is not open")
-        return await conn.send(msg, dtype=dtype)
+            raise ConnectionResetError(f"session {msg.session} has no connection")
+        return conn.send_nowait(msg, dtype=dtype)
+
+    async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        return self.send_nowait(msg, dtype=dtype)
+
+    def owner(self, session: int) -> ServerConnection | None:
+        """The live connection that opened ``session``, if any."""
+        return self._owner.get(session)
 
     # -- per connection
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -181,10 +257,15 @@ class Server:
             nodelay(writer)
             in_a_row = 0
             while True:
-                frame = await read_frame(reader, self.max_frame)
+                # a connection that holds no session may only open one: small frames, and soon
+                frame = await read_frame(reader, self.max_frame if conn.sessions else min(self.max_frame, OPEN_MAX_FRAME),
+                                         idle_s=None if conn.sessions else self.idle_connection_s,
+                                         frame_s=self.frame_timeout_s)
+                if conn.closed_reason is not None:
+                    break
                 if isinstance(frame, str):
                     if frame != "eof":
-                        self._refuse(conn, wire.FrameError(frame, "bad frame length"), 0)
+                        self._refuse(conn, wire.FrameError(frame, _STREAM_END.get(frame, "bad frame length")), 0)
                         self.disconnects[frame] += 1
                     break
                 ok, fatal = await self._on_frame(conn, frame)
@@ -192,14 +273,14 @@ class Server:
                 if fatal or in_a_row >= MAX_REFUSALS_IN_A_ROW:
                     self.disconnects[fatal or "garbage"] += 1
                     break
-                if not ok and self.disconnect_on_refusal:
+                if ok is False and self.disconnect_on_refusal:   # None: declined, not a protocol breach
                     self.disconnects["refused"] += 1
                     break
-                if writer.transport.get_write_buffer_size() > MAX_PENDING_WRITE:
-                    self.disconnects["slow_reader"] += 1
+                if conn.closed_reason is not None:
                     break
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-            self.disconnects["connection_error"] += 1
+            if conn.closed_reason is None:
+                self.disconnects["connection_error"] += 1
         except asyncio.CancelledError:
             pass  # server stopping
         except Exception:  # never let one connection take the server down
@@ -211,6 +292,7 @@ class Server:
 
     async def _drop(self, conn: ServerConnection) -> None:
         self.connections.discard(conn)
+        conn._pump_task.cancel()
         for s in list(conn.sessions):
             self._forget(conn, s)
             await self._call(conn, wire.Close(s), answer=False)  # the app frees session state
@@ -218,7 +300,7 @@ class Server:
         try:
             await asyncio.wait_for(conn._writer.wait_closed(), 1.0)
         except (Exception, asyncio.CancelledError):
-            pass
+            conn._writer.transport.abort()  # a peer that never reads would hold the socket open
 
     def _forget(self, conn: ServerConnection, s: int) -> None:
         conn.sessions.pop(s, None)
@@ -237,8 +319,9 @@ class Server:
         except Exception:  # the peer may already be gone; the refusal is counted anyway
             pass
 
-    async def _on_frame(self, conn: ServerConnection, frame: bytes) -> tuple[bool, str | None]:
-        """Handle one frame; return (accepted, code if the connection must close)."""
+    async def _on_frame(self, conn: ServerConnection, frame: bytes) -> tuple[bool | None, str | None]:
+        """Handle one frame; return (True: accepted, False: refused, None: declined or
+        ignored, code if the connection must close)."""
         if self.tap is not None:   # audits: every byte the cloud receives, before any parsing
             self.tap(conn.id, frame)
         try:
@@ -247,6 +330,9 @@ class Server:
             self._refuse(conn, e, 0)
             return False, e.code if e.code in _FATAL else None
         s = hdr.session
+        if hdr.kind == "close" and conn.retired.pop(s, False):
+            self.ignored["close"] += 1  # the app ended it already: the device's Close has nothing to do
+            return None, None
         if hdr.kind != "open" and s != 0 and s not in conn.sessions:
             code = "foreign_session" if s in self._owner else "unknown_session"
             self._refuse(conn, wire.AuthError(code, f"session {s} is not open here"), 0)
@@ -262,7 +348,7 @@ class Server:
         conn.stats.add(wire.UP, info)
         self.stats.add(wire.UP, info)
         if isinstance(msg, wire.Open):
-            await self._open(conn, msg)
+            return (True if await self._open(conn, msg) else None), None
         elif isinstance(msg, wire.Close):
             self._forget(conn, s)
             await self._call(conn, msg, answer=False)
@@ -275,12 +361,13 @@ class Server:
         conn.stats.add(wire.UP, info)
         self.stats.add(wire.UP, info)
 
-    async def _open(self, conn: ServerConnection, msg: wire.Open) -> None:
+    async def _open(self, conn: ServerConnection, msg: wire.Open) -> bool:
+        """Open the session (True) or decline it with an ``Error`` (False)."""
         s = msg.session
         if s in self._owner:  # answer with the Open's own key: only its sender can verify it
             self._refuse(conn, wire.AuthError("session_in_use", f"session {s} is already open"),
                          s, key=msg.key)
-            return
+            return False
         conn.sessions[s] = _SessionState(msg.key, msg.geometry)
         self._owner[s] = conn
         try:
@@ -289,8 +376,22 @@ class Server:
             self._forget(conn, s)
             code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("rejected", str(e))
             self._refuse(conn, wire.WireError(code, reason or type(e).__name__), s, key=msg.key)
-            return
-        conn._write(wire.Opened(s))
+            return False
+        try:
+            conn._write(wire.Opened(s))
+        except ConnectionError:  # cut meanwhile: the read loop ends and the drop closes the session
+            pass
+        return True
+
+    def forget(self, session: int) -> None:
+        """The application ended ``session`` (it told the device why): frames naming it
+        are refused from now on, except the device's one ``Close``, which is ignored."""
+        conn = self._owner.get(session)
+        if conn is not None:
+            self._forget(conn, session)
+            conn.retired[session] = True
+            while len(conn.retired) > MAX_RETIRED:
+                del conn.retired[next(iter(conn.retired))]
 
     async def _call(self, conn: ServerConnection, msg: wire.Message, answer: bool = True) -> None:
         try:

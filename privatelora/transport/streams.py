@@ -27,19 +27,29 @@ def nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | str:
-    """One whole frame, or a code saying why the stream is over ("eof" = clean end)."""
+async def read_frame(reader: asyncio.StreamReader, max_frame: int, *, idle_s: float | None = None,
+                     frame_s: float | None = None) -> bytes | str:
+    """One whole frame, or a code saying why the stream is over ("eof" = clean end).
+
+    ``idle_s``: the frame must begin within this long ("idle"); ``frame_s``: once begun, it
+    must be whole within this long ("slow_frame"). Waiting never consumes a partial frame."""
     try:
-        prefix = await reader.readexactly(wire.PREFIX.size)
-    except asyncio.IncompleteReadError as e:
-        return "truncated" if e.partial else "eof"
-    (length,) = wire.PREFIX.unpack(prefix)
-    if length < wire.MIN_LENGTH:
-        return "bad_length"
-    if length > max_frame:
-        return "too_large"
+        async with asyncio.timeout(idle_s):
+            first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        return "eof"
+    except TimeoutError:
+        return "idle"
     try:
-        return prefix + await reader.readexactly(length)
+        async with asyncio.timeout(frame_s):
+            prefix = first + await reader.readexactly(wire.PREFIX.size - 1)
+            (length,) = wire.PREFIX.unpack(prefix)
+            if length < wire.MIN_LENGTH:
+                return "bad_length"
+            if length > max_frame:
+                return "too_large"
+            return prefix + await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         return "truncated"
-
+    except TimeoutError:
+        return "slow_frame"
