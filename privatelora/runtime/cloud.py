@@ -16,6 +16,13 @@ session's KV caches are truncated to ``start`` first (the device rejected specul
 tokens). A ``start`` beyond the session's own cache is refused; a rewind touches nothing
 but that session's caches.
 
+A stage that raises (out of memory while a cache grows, a kernel failure) is isolated:
+every session it touched is restored to where it stood before the stage (caches cut back
+to their lengths, positions and in-flight residuals as they were) and run again alone;
+a session whose request fails alone too gets ``Error("stage_failed")``, the others their
+answers, exactly as if the stage had not failed. ``fault_hook(layer, sessions)``, if set,
+is called before each layer's batched work and each ``A h`` (tests inject failures with it).
+
 The cloud holds no private tensor: no M, no token ids, no logits (test: every state name
 is free of the private prefix). Its only per-session state is the KV cache and the
 in-flight residual of the stage it waits on.
@@ -80,6 +87,7 @@ class CloudPart:
         self.max_tokens_per_request = max_tokens_per_request
         self.sessions: dict[int, _Session] = {}
         self.stats = StageStats()
+        self.fault_hook = None                   # tests: called as fault_hook(layer, session ids)
 
     # ---- session lifecycle -------------------------------------------------------------
     def open(self, session: int) -> None:
@@ -99,6 +107,36 @@ class CloudPart:
     # ---- one stage for many sessions ---------------------------------------------------
     @torch.no_grad()
     def run(self, requests: list) -> list:
+        saved = self._snapshot(requests)
+        try:
+            return self._run(requests)
+        except Exception as e:
+            if len(requests) == 1:
+                self._restore(saved)
+                return [Error(getattr(requests[0], "session", -1), "stage_failed",
+                              f"the stage failed: {type(e).__name__}")]
+        self._restore(saved)        # the batch failed: each request alone, so it ends only its own session
+        out = []
+        for req in requests:
+            out.extend(self.run([req]))
+        return out
+
+    def _snapshot(self, requests: list) -> dict:
+        saved = {}
+        for req in requests:
+            s = self.sessions.get(getattr(req, "session", None))
+            if s is not None:
+                saved[req.session] = (s, s.next_pos, s.pending, {l: c.length for l, c in s.caches.items()})
+        return saved
+
+    @staticmethod
+    def _restore(saved: dict) -> None:
+        for s, next_pos, pending, lengths in saved.values():
+            for layer, c in s.caches.items():   # a rewind the stage made is redone when it runs again
+                c.truncate(lengths.get(layer, 0))
+            s.next_pos, s.pending = next_pos, pending
+
+    def _run(self, requests: list) -> list:
         out: list = []
         seen: set[int] = set()
         ok = []
@@ -134,7 +172,7 @@ class CloudPart:
         Call while replies travel: it overlaps the round trip with the frozen path.
         """
         groups: dict[int, list[_Pending]] = defaultdict(list)
-        for s in self.sessions.values():
+        for s in list(self.sessions.values()):     # open() may insert from the event loop's thread
             p = s.pending
             if p is not None and p.normed is not None and p.base is None:
                 groups[p.layer].append(p)
@@ -242,6 +280,8 @@ class CloudPart:
         """Attention, MLP and residuals of ``layer``; each session moves on to the next cloud
         layer (``moving``) or, after the last one, hands its hidden states back."""
         lw = self.layers[layer]
+        if self.fault_hook is not None:
+            self.fault_hook(layer, list(sids))
         sess = [self.sessions[sid] for sid in sids]
         caches = [s.caches.setdefault(layer, KVCache()) for s in sess]
         cos, sin = rope_tables(self.rotary, segs, x)
@@ -292,6 +332,8 @@ class CloudPart:
             groups[self.sessions[sid].pending.layer].append(sid)
         for layer, members in sorted(groups.items()):
             lw = self.layers[layer]
+            if self.fault_hook is not None:
+                self.fault_hook(layer, list(members))
             pend = [self.sessions[sid].pending for sid in members]
             h = rms_norm(torch.cat([p.x for p in pend]), lw.ln1, lw.eps)
             a = [h @ self.proj.A[(layer, k)].T for k in self.proj.a_keys()]

@@ -28,6 +28,14 @@ runs next:
   of 16. (Excusing a device that
   missed a window was tried: a session one step behind then never rejoins its cohort, and
   the batches fragment for good.)
+- **silent devices are excused**: a group that runs without a member it was waiting for
+  (its window ran out) excuses that member until it answers. A device that stopped
+  answering (a hung app, a stopped process, lost signal) so costs its cohort one gathering
+  bound, not one per layer per token until the idle timeout; when its item arrives it is
+  owed again at its next stage and rejoins by trailing first.
+- **training** items (``TRAIN``) are admitted like serving ones, run one per batch, and
+  only when no serving group is ready (or when one has waited past ``max_wait_s``): they
+  never starve serving, and serving never starves them for longer than that.
 
 Admission: at most ``max_running`` sessions hold KV caches; a new session's first
 hand-off waits in a bounded queue (``max_waiting``) until one closes, and beyond that
@@ -40,6 +48,9 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+
+
+TRAIN = 1 << 30     # the stage of a training item: after every serving stage
 
 
 class Busy(Exception):
@@ -103,8 +114,10 @@ class Scheduler:
         self._admission: deque[int] = deque()
         self._seq = itertools.count()
         self._owed: dict[int, int] = {}      # session -> stage it owes the cloud an item for
+        self._excused: set[int] = set()      # owed, but missed a window: nobody waits for it
         self.last_queue_s = 0.0              # mean wait of the last batch's items
         self.last_tokens = 0
+        self.last_stage = 0                  # the stage of the last batch
         self.wake_at: float | None = None    # when next_batch returned [] while gathering
 
     # ---- sessions -----------------------------------------------------------------------
@@ -120,6 +133,7 @@ class Scheduler:
             return []
         self._ready = [i for i in self._ready if i.session != session]
         self._owed.pop(session, None)
+        self._excused.discard(session)
         if session in self._admission:
             self._admission.remove(session)
         return self._admit_waiting() if s.running else []
@@ -145,6 +159,14 @@ class Scheduler:
         self.stats.reclaimed += len(out)
         return out
 
+    def owes(self, session: int) -> bool:
+        """Whether the cloud is waiting on ``session`` mid-step (it was sent activations)."""
+        return session in self._owed
+
+    @property
+    def excused(self) -> int:
+        return len(self._excused)
+
     # ---- work ---------------------------------------------------------------------------
     def submit(self, session: int, stage: int, tokens: int, payload, now: float) -> None:
         """A ready item. Raises ``Busy`` when a new session finds running and waiting full."""
@@ -153,6 +175,7 @@ class Scheduler:
             raise UnknownSession(f"session {session} is not open")
         s.last_seen = now
         self._owed.pop(session, None)
+        self._excused.discard(session)
         item = Item(session, stage, tokens, now, payload, next(self._seq))
         if s.running:
             self._ready.append(item)
@@ -195,7 +218,8 @@ class Scheduler:
         group = sorted((i for i in self._ready if i.stage == stage), key=lambda i: i.seq)
         batch, tokens = [], 0
         for item in group:
-            if batch and (tokens + item.tokens > self.token_budget or len(batch) == self.max_batch):
+            if batch and (tokens + item.tokens > self.token_budget or len(batch) == self.max_batch
+                          or stage == TRAIN):
                 break
             batch.append(item)
             tokens += item.tokens
@@ -203,18 +227,28 @@ class Scheduler:
         self._ready = [i for i in self._ready if id(i) not in taken]
         self.last_queue_s = sum(now - i.arrived for i in batch) / len(batch)
         self.last_tokens = tokens
+        self.last_stage = stage
         self.stats.batches += 1
         self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
         self.stats.items += len(batch)
         self.stats.tokens += tokens
+        if self.gather_s > 0 and stage != TRAIN:
+            self._excuse(stage, {i.session for i in batch})
         return [i.payload for i in batch]
+
+    def _excuse(self, stage: int, ran: set[int]) -> None:
+        """The group at ``stage`` ran: whoever it would have waited for and did not get is
+        excused until its item arrives (it no longer holds any group back)."""
+        for sid, o in self._owed.items():
+            if sid not in ran and (o == stage or (self.merge and o >= 0 and (stage < 0 or o < stage))):
+                self._excused.add(sid)
 
     def _gathered_stage(self, now: float) -> int | None:
         """Trailing-first among the groups that are complete or have gathered long enough."""
         stages = sorted({i.stage for i in self._ready})
         if self.gather_s <= 0:
             return stages[0]
-        owed = set(self._owed.values())
+        owed = {o for sid, o in self._owed.items() if sid not in self._excused}
         first = {}
         for i in self._ready:
             first[i.stage] = min(first.get(i.stage, i.arrived), i.arrived)
