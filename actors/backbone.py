@@ -9,14 +9,18 @@ starts, places, watches and stops it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+
+
+NOT_STARTED = "is not started"    # check_health's reason for a fresh (or restarted) actor
 
 
 class BackboneReplica:
     def __init__(self, replica_id: int, model: str, cfg: dict, *, max_sessions: int = 256,
                  idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
                  cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False,
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, endpoint_options: dict | None = None):
         import torch
 
         from privatelora.placement.checks import pin_to_cores
@@ -38,24 +42,29 @@ class BackboneReplica:
         self.host, self.port = host, port
         self.endpoint = None
         self.cert_pem = None
+        self.tls_dir: str | None = None
         self.record_frames = record_frames
         self.frames: list[bytes] = []     # audits only: every frame received, verbatim
         self.metrics_port, self.metrics, self.metrics_address = metrics_port, None, None
+        self.endpoint_options = dict(endpoint_options or {})    # CloudEndpoint bounds (send timeout, caps)
 
     async def start(self) -> dict:
+        if self.endpoint is not None:
+            raise RuntimeError(f"replica {self.replica_id} is already started")
         from privatelora.serving.endpoint import CloudEndpoint
         from privatelora.transport import is_loopback, make_self_signed
         tls = {}
         if not is_loopback(self.host):
             # off loopback the stream must be encrypted: a fresh self-signed certificate,
             # whose public half the router hands to edge actors (pinned trust, no CA needed)
-            d = tempfile.mkdtemp(prefix="privatelora-tls-")
+            d = self.tls_dir = tempfile.mkdtemp(prefix="privatelora-tls-")
             cert, key = make_self_signed(d, hosts=(self.host, "localhost", "127.0.0.1"))
             tls = {"cert": cert, "key": key}
             with open(cert) as f:
                 self.cert_pem = f.read()
         self.endpoint = CloudEndpoint(self.cloud, self.host, self.port, max_sessions=self.max_sessions,
-                                      idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s, **tls)
+                                      idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s,
+                                      **self.endpoint_options, **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
         if self.metrics_port:     # this replica's own /metrics (privatelora.serving.metrics), same host
@@ -94,6 +103,13 @@ class BackboneReplica:
         out.pop("prefill_out")
         return out
 
+    async def check_health(self) -> None:
+        """Raise if this replica cannot serve (its stage loop stopped): ``Pool.heal`` then
+        has Ray restart the actor."""
+        if self.endpoint is None:
+            raise RuntimeError(f"replica {self.replica_id} {NOT_STARTED}")
+        self.endpoint.check_health()
+
     async def stats(self) -> dict:
         return {"replica": self.replica_id, **self.endpoint.stats()}
 
@@ -107,6 +123,9 @@ class BackboneReplica:
         if self.endpoint is not None:
             await self.endpoint.stop()
             self.endpoint = None
+        if self.tls_dir is not None:      # the private key must not outlive the replica
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+            self.tls_dir = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -11,6 +11,7 @@ import time
 import privatelora.actors  # noqa: F401  (Ray's auth mode, before Ray is imported)
 import ray
 
+from privatelora.cli.common import endpoint_bounds
 from privatelora.config import PrivateLoRAConfig, UsageError
 from privatelora.placement import CLOUD
 from privatelora.placement.cluster import connect
@@ -36,8 +37,10 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
         raise UsageError("--metrics-sd-file needs --metrics-port")
     join_cluster(args.address)
     started = time.time()
+    bounds = endpoint_bounds(args)
     pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
-                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port)
+                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
+                endpoint_options=bounds)
     if sd_file:     # Prometheus file_sd: one target per replica, labelled replica="i"
         from privatelora.serving.metrics import write_sd_file
         write_sd_file(sd_file, [(*i["metrics"], i["replica"]) for i in pool.infos])
@@ -57,8 +60,11 @@ def serve(args, cfg: PrivateLoRAConfig) -> dict:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(5.0):          # watch the replicas: Ray restarts one whose stage loop stopped
+        for i in pool.heal():
+            event = {"event": "restarted", "replica": i, "address": [pool.infos[i]["host"], pool.infos[i]["port"]]}
+            print(json.dumps(event) if args.json else f"[serve] replica {i} was unhealthy: restarted on "
+                  f"{event['address'][0]}:{event['address'][1]}", file=sys.stdout if args.json else sys.stderr, flush=True)
     stats = pool.stats()
     if sd_file:
         write_sd_file(sd_file, [])     # a clean stop leaves no target to scrape

@@ -12,7 +12,7 @@ connection per replica. Each user's data stays in its own session state.
 
 from __future__ import annotations
 
-import tempfile
+import ssl
 import time
 
 
@@ -52,14 +52,11 @@ class EdgeActor:
         rid = (info["replica"], link)
         c = self._clients.get(rid)
         if c is None or c.closed:
-            ca = None
-            if info.get("cert_pem"):
-                f = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)
-                f.write(info["cert_pem"])
-                f.close()
-                ca = f.name
-            c = await Client.connect(info["host"], info["port"], ca=ca,
-                                     server_hostname=info["host"] if ca else None, link=link, seed=self.user)
+            ctx = None
+            if info.get("cert_pem"):      # pinned trust in the replica's certificate, no file written
+                ctx = ssl.create_default_context(cadata=info["cert_pem"])
+            c = await Client.connect(info["host"], info["port"], ssl_context=ctx,
+                                     server_hostname=info["host"] if ctx else None, link=link, seed=self.user)
             self._clients[rid] = c
         return c
 

@@ -13,8 +13,11 @@ class Router:
         self.load: dict[int, int] = {}
 
     def register(self, info: dict) -> None:
+        """Add a replica, or replace a restarted one (its sessions died with it: load 0)."""
+        old = self.replicas.get(info["replica"])
         self.replicas[info["replica"]] = info
-        self.load.setdefault(info["replica"], 0)
+        if old is None or old.get("pid") != info.get("pid"):
+            self.load[info["replica"]] = 0
 
     def unregister(self, replica: int) -> None:
         self.replicas.pop(replica, None)

@@ -136,3 +136,25 @@ def draft_from_args(args, backbone):
     from privatelora.runtime.draft import load_draft
     return load_draft(args.draft, backbone)
 
+
+
+def add_endpoint_bounds(p: argparse.ArgumentParser) -> None:
+    """Options bounding what one peer can cost a replica (``CloudEndpoint``)."""
+    g = p.add_argument_group("bounds per replica")
+    g.add_argument("--max-open", type=positive, default=0,
+                   help="open sessions in all, running or not (0: twice --max-sessions plus the waiting queue)")
+    g.add_argument("--max-open-per-connection", type=positive, default=256,
+                   help="open sessions on one connection (an edge host carries many users on one)")
+    g.add_argument("--send-timeout", type=float, default=10.0,
+                   help="seconds a peer's socket may stay full before the peer is disconnected")
+
+
+def endpoint_bounds(args) -> dict:
+    if args.send_timeout <= 0:
+        raise UsageError("--send-timeout must be > 0")
+    if args.max_open_per_connection < 1:
+        raise UsageError("--max-open-per-connection must be >= 1")
+    out = {"max_open_per_connection": args.max_open_per_connection, "send_timeout_s": args.send_timeout}
+    if args.max_open:
+        out["max_open"] = args.max_open
+    return out

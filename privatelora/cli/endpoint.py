@@ -13,7 +13,8 @@ import signal
 import sys
 import time
 
-from privatelora.cli.common import add_draft_args, decode, draft_from_args, prompt_ids, split_config
+from privatelora.cli.common import (add_draft_args, add_endpoint_bounds, decode, draft_from_args,
+                                    endpoint_bounds, prompt_ids, split_config)
 from privatelora.config import UsageError
 
 
@@ -41,7 +42,7 @@ def cmd_cloud(args) -> dict:
     split = build_split(args.model, _cfg(args))
     try:
         ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
-                           idle_timeout_s=args.idle_timeout, **_tls_server_kw(args))
+                           idle_timeout_s=args.idle_timeout, **endpoint_bounds(args), **_tls_server_kw(args))
     except TLSRequiredError as e:
         raise UsageError(str(e))
     metrics = None
@@ -185,6 +186,7 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--max-sessions", type=positive, default=256)
     c.add_argument("--idle-timeout", type=float, default=120.0,
                    help="seconds of silence after which a session is closed and its KV cache freed")
+    add_endpoint_bounds(c)
     c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")

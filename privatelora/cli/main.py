@@ -15,7 +15,7 @@ from privatelora.cli import bench as bench_cli
 from privatelora.cli import endpoint as endpoint_cli
 from privatelora.cli import tune as tune_cli
 from privatelora.cli.cluster import cmd_demo, cmd_serve
-from privatelora.cli.common import Parser, add_draft_args, add_split_args, positive
+from privatelora.cli.common import Parser, add_draft_args, add_endpoint_bounds, add_split_args, positive
 from privatelora.cli.generate import cmd_adapter_info, cmd_adapter_init, cmd_generate, print_generate
 from privatelora.config import PLACEMENT_HELP, PrivateLoRAError, UsageError
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--idle-timeout", type=float, default=120.0, help="seconds of silence before a session is reclaimed")
     sv.add_argument("--gather-ms", type=float, default=10.0,
                     help="most a stage waits for sessions that owe it a reply (batching vs latency)")
+    add_endpoint_bounds(sv)
     sv.add_argument("--metrics-port", type=positive, default=0,
                     help="replica i serves Prometheus /metrics on PORT+i, on its endpoint's host (0: off)")
     sv.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing every replica")

@@ -11,6 +11,8 @@ Per adapted projection P of layer l:  P(h) = W_P h + B_P M_P A_P h.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -75,9 +77,24 @@ class PrivateAdapter:
 
 
 def save_adapter(adapter: PrivateAdapter, path) -> None:
-    from safetensors.torch import save_file
+    """Write the adapter (the user's only copy of M) atomically, readable by its owner
+    alone: a temporary file in the same folder, mode 0600, flushed to disk, then renamed
+    over ``path``. A crash mid-write leaves the previous file intact."""
+    from safetensors.torch import save
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in adapter.M.items()}
-    save_file(tensors, str(path), metadata=adapter.metadata())
+    data = save(tensors, metadata=adapter.metadata())
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_adapter_metadata(path) -> dict[str, str]:
