@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -117,3 +120,26 @@ def test_bytes_per_token_per_layer_match_design_arithmetic(backbones, shared_a, 
     naive = naive_numbers_per_token_per_layer(bb.config, ("q", "k", "v"))
     kv = bb.config.num_key_value_heads * bb.config.hidden_size // bb.config.num_attention_heads
     assert naive == 2 * bb.config.hidden_size + 2 * kv
+
+
+def test_adapter_files_are_written_atomically_and_private(tmp_path, monkeypatch):
+    cfg = PrivateLoRAConfig(rank=4)
+    old = PrivateAdapter(cfg, 4, "fp").randomize_(1)
+    path = tmp_path / "me.safetensors"
+    save_adapter(old, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    before = path.read_bytes()
+    new = PrivateAdapter(cfg, 4, "fp").randomize_(2)
+
+    def crash(*a):                     # the machine dies between writing and renaming
+        raise OSError("disk gone")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_adapter(new, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["me.safetensors"]
+    monkeypatch.undo()
+    save_adapter(new, path)            # replaced whole, still private, nothing left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["me.safetensors"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    got = load_adapter(path, cfg, 4, "fp")
+    assert all(torch.equal(got.M[k], new.M[k]) for k in new.M)

@@ -235,7 +235,7 @@ def test_killed_or_silent_devices_free_their_kv_cache(system, tiny):
         writer.close()
         return st, time.time() - t0
     st, waited = asyncio.run(silent())
-    assert st["sessions"] == 0 and st["kv_bytes"] == 0 and st["errors"].get("idle_timeout", 0) >= 1
+    assert st["sessions"] == 0 and st["kv_bytes"] == 0 and st["errors"].get("silent_device", 0) >= 1   # it owed a reply
     assert waited < 4.0 + 3.0          # the idle timeout (4 s) plus the reclaim check period
 
 
@@ -253,3 +253,30 @@ def test_an_edge_host_carries_several_users_each_matching_the_monolithic_model(s
     for r in runs:
         assert r["error"] is None and len(r["token_times"]) == 10
         assert r["ids"] == _reference(tiny, r["user"], PROMPTS[r["user"]], SamplingParams(max_new_tokens=10))
+
+
+def test_a_replica_whose_stage_loop_stops_is_reported_and_restarted_by_ray(system, tiny):
+    """Last in the module: it restarts the shared replica. Its health check reports the
+    stopped loop; ``Pool.heal`` has Ray restart the actor (``max_restarts``), starts its
+    endpoint again and re-registers it; users then generate exactly as before."""
+    pool, edges = system
+    old = pool.infos[0]
+
+    def break_the_stage_loop(replica):     # runs inside the actor (pickled by value: a local function)
+        def broken(now):
+            raise RuntimeError("injected stage-loop failure")
+        replica.endpoint.scheduler.next_batch = broken
+        replica.endpoint._wake.set()
+    ray.get(pool.replicas[0].__ray_call__.remote(break_the_stage_loop))
+    deadline = time.time() + 30
+    while pool.health()[0]["ok"] and time.time() < deadline:
+        time.sleep(0.2)
+    (h,) = pool.health()
+    assert not h["ok"] and "stage loop stopped" in h["reason"], h
+    assert pool.heal() == [0]
+    new = pool.infos[0]
+    assert new["pid"] != old["pid"] and pool.health()[0]["ok"]
+    assert ray.get(pool.router.snapshot.remote())["load"] == {0: 0}
+    res = ray.get(edges[1].generate.remote(PROMPTS[1], max_new_tokens=12), timeout=120)
+    eos = tiny.tokenizer.eos_token_id
+    assert res["tokens"] == _reference(tiny, 1, PROMPTS[1], SamplingParams(max_new_tokens=12, stop_ids=(eos,)))

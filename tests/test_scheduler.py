@@ -156,3 +156,54 @@ def test_merge_holds_a_leading_group_for_the_sessions_behind_it():
     s.expect(2, 2)                                              # a trailer that never answers
     s.submit(3, 9, 1, "late", 0.1)
     assert s.next_batch(0.12) == [] and s.next_batch(0.151) == ["late"]
+
+
+def test_a_silent_member_costs_its_cohort_one_gathering_bound_then_rejoins():
+    """Session 2 stops answering mid-step: its cohort waits for it once (gather_s), then
+    runs without waiting for it at every later stage; once it answers it is waited for again."""
+    s = Scheduler(gather_s=0.01)
+    for sid in range(3):
+        s.open(sid, 0.0)
+    t, waited = 0.0, []
+    for layer in range(6):
+        for sid in range(3):
+            s.expect(sid, layer) if sid < 2 or layer == 0 else None
+        s.submit(0, layer, 1, f"a{layer}", t)
+        s.submit(1, layer, 1, f"b{layer}", t)
+        batch = s.next_batch(t)
+        if not batch:                          # held back for session 2
+            waited.append(layer)
+            t += 0.01
+            batch = s.next_batch(t)
+        assert batch == [f"a{layer}", f"b{layer}"]
+        t += 0.001
+    assert waited == [0] and s.excused == 1    # one gathering bound in all, not one per stage
+    s.submit(2, 0, 1, "c0", t)                 # it answers at last: runs (trailing first) ...
+    s.submit(0, 6, 1, "a6", t)
+    assert s.next_batch(t) == ["c0"] and s.excused == 0
+    s.expect(2, 6)                             # ... and is owed again, so its cohort waits for it
+    s.submit(1, 6, 1, "b6", t)
+    assert s.next_batch(t) == []
+    s.submit(2, 6, 1, "c6", t + 0.001)
+    assert s.next_batch(t + 0.001) == ["a6", "b6", "c6"]
+
+
+def test_training_runs_one_at_a_time_after_serving_and_is_never_starved():
+    from privatelora.serving.scheduler import TRAIN
+    s = Scheduler(max_running=2, max_waiting=0, max_wait_s=0.05)
+    for sid in range(4):
+        s.open(sid, 0.0)
+    s.submit(0, TRAIN, 1, "t0", 0.0)
+    s.submit(1, TRAIN, 1, "t1", 0.0)
+    with pytest.raises(Busy):                  # admitted like serving: two sessions run at most
+        s.submit(2, 3, 1, "x", 0.0)
+    s.close(1)
+    s.submit(2, 3, 1, "s2", 0.001)
+    assert s.next_batch(0.002) == ["s2"]       # serving first
+    assert s.next_batch(0.003) == ["t0"]       # then training, one item per batch
+    s.submit(0, TRAIN, 1, "t0b", 0.004)
+    for i in range(5):                         # a steady stream of serving work ...
+        s.submit(2, 3, 1, f"s{i}", 0.005 + 0.02 * i)
+        if s.next_batch(0.005 + 0.02 * i + 0.001) == ["t0b"]:
+            break
+    assert i == 3 and s.stats.fairness_picks == 1   # ... holds training back at most max_wait_s

@@ -24,10 +24,10 @@ from privatelora.runtime.runner import InProcessRunner
 from privatelora.serving.endpoint import CloudEndpoint
 from privatelora.serving.remote import run_remote
 from privatelora.wire import session_geometry
-from privatelora.training.cloud import CloudTrainer, TrainingError
+from privatelora.training.cloud import CloudTrainer
 from privatelora.training.device import TrainStep, monolithic_loss_and_grads, run_step, run_step_remote
 from privatelora.transport import Client
-from privatelora.wire import Activations, Error, Handoff, PrivacyError, Reply
+from privatelora.wire import Activations, Error, PrivacyError, Reply
 from privatelora.runtime.train_messages import GradActivations, GradDone, GradHandoff, GradInput, GradReply, TrainHandoff
 
 REL_TOL = 1e-5
