@@ -187,6 +187,7 @@ def _load(port: int) -> int:
     from privatelora.config import PrivateLoRAConfig
     from privatelora.model.sampling import SamplingParams
     from privatelora.serving.remote import run_remote
+    from privatelora import wire
     from privatelora.wire import session_geometry
     from privatelora.transport import Client
 
@@ -204,6 +205,14 @@ def _load(port: int) -> int:
             return await run_remote(clients[u % 2], split.device, ids[: 4 + u], SamplingParams(max_new_tokens=12,
                                     seed=u), dtype=("fp32", "fp16", "int8", "bf16")[u])
         gens = await asyncio.gather(*[user(u) for u in range(4)])
+        # an fp16 session whose replies push the hand-off past fp16's range: the cloud cannot
+        # encode its answer (a fault it survives, counted), and the device gets an Error
+        g16 = session_geometry(split.cloud.layer_ids, split.cloud.hidden, split.cfg, "fp16")
+        s16 = await clients[0].open(g16)
+        await s16.send(wire.Handoff(s16.id, 0, torch.randn(2, g16.hidden)), dtype="fp16")
+        while isinstance(msg := await s16.recv(10), wire.Activations):
+            await s16.send(wire.Reply(s16.id, msg.layer, tuple(torch.full((2, g16.rank), 6e4) for _ in g16.targets)))
+        assert isinstance(msg, wire.Error) and msg.code == "encode_failed", msg
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"\x00\x00\x00\x05hello")
         await w.drain()
@@ -242,6 +251,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(cloud, promet
     assert up["metric"]["replica"] == "0" and up["value"][1] == "1"
     assert query(url, 'privatelora_errors_total{reason="idle_timeout"}')
     assert query(url, 'privatelora_frames_refused_total{reason="bad_length"}')
+    assert query(url, 'privatelora_faults_total{reason="encode"}')
     values = json.loads(_get(f"{url}/api/v1/label/replica/values?match[]=privatelora_replica_up"))["data"]
     assert values == ["0"]                   # what the dashboard's replica variable lists
 

@@ -380,23 +380,24 @@ class CloudEndpoint:
         if dtype is None:          # closed meanwhile
             return
         if isinstance(ans, wire.Handoff):
-            self.scheduler.expect(ans.session, -1)        # the device's next token comes next
-            self._event("hand_out", ans.session, time.monotonic())
-            self._deliver(ans, wire.HANDOFF_DTYPE[dtype])
-        else:
-            if isinstance(ans, wire.Activations):
-                self.scheduler.expect(ans.session, ans.layer)
-                self._event("activations", ans.session, ans.layer, time.monotonic())
-            self._deliver(ans, None)
+            if self._deliver(ans, wire.HANDOFF_DTYPE[dtype]):
+                self.scheduler.expect(ans.session, -1)        # the device's next token comes next
+                self._event("hand_out", ans.session, time.monotonic())
+        elif self._deliver(ans, None) and isinstance(ans, wire.Activations):
+            self.scheduler.expect(ans.session, ans.layer)
+            self._event("activations", ans.session, ans.layer, time.monotonic())
 
-    def _deliver(self, ans, dtype: str | None) -> None:
-        """Queue ``ans`` on its connection; an answer the encoder refuses (an fp16 overflow,
-        say) ends its session with an ``Error`` instead of leaving the device waiting."""
+    def _deliver(self, ans, dtype: str | None) -> bool:
+        """Queue ``ans`` on its connection (True if queued); an answer the encoder refuses
+        (an fp16 overflow, say) ends its session with an ``Error`` instead of leaving the
+        device waiting."""
         try:
             self.server.send_nowait(ans, dtype=dtype)
+            return True
         except ConnectionError:    # the device went away: its connection's Close frees the session
-            pass
+            return False
         except Exception as e:
             self.faults["encode"] += 1
             code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("encode_failed", repr(e))
             self._refuse(ans.session, "encode_failed", f"the cloud could not send its answer ({code}: {reason})")
+            return False

@@ -176,7 +176,11 @@ class EndpointCollector(Collector):
         s = _retry(ep.stats)
         task = getattr(ep, "_task", None)
         yield _gauge("privatelora_replica_up", "1 while this endpoint's stage loop runs",
-                     int(task is not None and not task.done()))
+                     int(task is not None and not task.done() and s["healthy"]))
+        yield _gauge("privatelora_sessions_excused", "Sessions the cloud waits on mid-step that missed a stage's "
+                     "gathering window (a silent device): no stage waits for them until they answer", s["excused"])
+        yield _by("privatelora_faults", "Internal failures the endpoint survived, by where (stage, loop, events, "
+                  "encode, close, train)", "reason", s["faults"])
         yield _gauge("privatelora_sessions_running", "Sessions holding a KV cache on the backbone", s["running"])
         yield _gauge("privatelora_sessions_waiting", "Sessions whose first hand-off waits for admission",
                      s["waiting"])
