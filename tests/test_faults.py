@@ -199,6 +199,7 @@ def test_a_device_that_stops_reading_is_cut_off_and_costs_others_nothing(tiny):
             await client.close()
             return alone, alone_s, during, during_s, dict(ep.server.disconnects), sid in split.cloud.sessions, stuck
     alone, alone_s, during, during_s, disconnects, still_held, stuck = asyncio.run(main())
+    print({"alone_s": alone_s, "with_a_peer_that_stops_reading_s": during_s, "disconnects": disconnects})
     assert stuck                           # the honest user ran while the cloud could not send to the other
     assert alone.tokens == want and during.tokens == want
     assert disconnects.get("send_timeout", 0) == 1, disconnects

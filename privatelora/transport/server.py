@@ -25,7 +25,8 @@ Contract
   (busy, geometry, session in use) is not a protocol breach, but ``MAX_REFUSALS_IN_A_ROW``
   of them, or of ignored frames, still close the connection. ``Server.forget(session)``:
   the application ended a session itself (and told the device why); the device's
-  ``Close`` for it is then ignored, any other frame for it refused.
+  ``Close`` for it is then ignored, and a frame it had in flight is answered
+  ``session_closed`` without cutting the connection's other sessions.
 - Handlers: ``async def handle(conn, msg)``, called in frame order per connection. It
   sees ``Open`` (raise to reject; the server then answers ``Error``, else ``Opened``),
   ``Close`` (also synthesised for every session still open when its connection drops),
@@ -330,8 +331,12 @@ class Server:
             self._refuse(conn, e, 0)
             return False, e.code if e.code in _FATAL else None
         s = hdr.session
-        if hdr.kind == "close" and conn.retired.pop(s, False):
-            self.ignored["close"] += 1  # the app ended it already: the device's Close has nothing to do
+        if s in conn.retired:       # the app ended it (and told the device why) while this was in flight
+            if hdr.kind == "close":
+                del conn.retired[s]
+                self.ignored["close"] += 1   # the device's Close has nothing left to do
+            else:                            # answered, but not a breach: other sessions keep the connection
+                self._refuse(conn, wire.AuthError("session_closed", f"session {s} was closed by the cloud"), 0)
             return None, None
         if hdr.kind != "open" and s != 0 and s not in conn.sessions:
             code = "foreign_session" if s in self._owner else "unknown_session"
@@ -384,8 +389,8 @@ class Server:
         return True
 
     def forget(self, session: int) -> None:
-        """The application ended ``session`` (it told the device why): frames naming it
-        are refused from now on, except the device's one ``Close``, which is ignored."""
+        """The application ended ``session`` (it told the device why): the device's
+        ``Close`` for it is ignored, other frames naming it get ``session_closed``."""
         conn = self._owner.get(session)
         if conn is not None:
             self._forget(conn, session)
