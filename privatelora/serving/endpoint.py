@@ -178,31 +178,34 @@ class CloudEndpoint:
         now = time.monotonic()
         if isinstance(msg, wire.Open):
             self._open(conn, msg, now)
-        elif isinstance(msg, wire.Close):
+            return
+        if isinstance(msg, wire.Close):
             if msg.session in self._dtype:
                 self._closing.add(msg.session)
                 self._wake.set()
-        elif isinstance(msg, (wire.Handoff, wire.Reply)) or (self.trainer is not None and self.trainer.accepts(msg)):
-            train = self.trainer is not None and self.trainer.accepts(msg)
-            if train:
-                stage, tokens = TRAIN, 1
-            else:
-                stage = msg.layer if isinstance(msg, wire.Reply) else -1
-                tokens = msg.hidden.shape[0] if isinstance(msg, wire.Handoff) else msg.m[0].shape[0]
-            try:
-                self.scheduler.submit(msg.session, stage, tokens, msg, now)
-            except Busy as e:
-                self._refuse(msg.session, "busy", str(e))
-                return
-            except UnknownSession:
-                return
-            if isinstance(msg, wire.Handoff):
-                first = msg.session not in self._last_handoff
-                self._chain_done(msg.session, msg.start, tokens, first, now)
-                self._event("hand_in", msg.session, tokens, first, now)
-            elif not train:
-                self._event("reply", msg.session, msg.layer, now)
-            self._wake.set()
+            return
+        train = self.trainer is not None and self.trainer.accepts(msg)
+        if train:
+            stage, tokens = TRAIN, 1
+        elif isinstance(msg, (wire.Handoff, wire.Reply)):
+            stage = msg.layer if isinstance(msg, wire.Reply) else -1
+            tokens = msg.hidden.shape[0] if isinstance(msg, wire.Handoff) else msg.m[0].shape[0]
+        else:                      # an Error frame from the device: nothing to schedule
+            return
+        try:
+            self.scheduler.submit(msg.session, stage, tokens, msg, now)
+        except Busy as e:
+            self._refuse(msg.session, "busy", str(e))
+            return
+        except UnknownSession:
+            return
+        if isinstance(msg, wire.Handoff):
+            first = msg.session not in self._last_handoff
+            self._chain_done(msg.session, msg.start, tokens, first, now)
+            self._event("hand_in", msg.session, tokens, first, now)
+        elif not train:
+            self._event("reply", msg.session, msg.layer, now)
+        self._wake.set()
 
     def _open(self, conn, msg: wire.Open, now: float) -> None:
         g = msg.geometry
