@@ -43,6 +43,9 @@ class Generation:
     accepted: int = 0                        # of those, accepted
     verifies: int = 0                        # chains that verified drafts
 
+    resumes: int = 0                         # times the session was rebuilt on a (new) cloud session
+    recoveries: list[float] = field(default_factory=list)   # seconds from each loss to being back
+
     def __post_init__(self):
         if not self.prompt:
             raise PrivateLoRAError("the prompt is empty")
@@ -51,6 +54,9 @@ class Generation:
         self.sampler = Sampler(self.params)
         self._drafts: list[int] = []
         self._draft_probs = None
+        self._chain: tuple[int, list[int], bool] | None = None   # (start, ids, want_all) in flight
+        self._replay: list[int] | None = None     # positions still to replay after a resume
+        self._replay_chunk = 2048
 
     @property
     def session(self) -> int:
@@ -58,7 +64,7 @@ class Generation:
 
     def stats(self) -> dict:
         """Round trips and drafting, for reports (no token values)."""
-        out = {"round_trips": self.round_trips,
+        out = {"round_trips": self.round_trips, "resumes": self.resumes, "recovery_s": list(self.recoveries),
                "round_trips_per_token": self.round_trips / len(self.tokens) if self.tokens else None}
         if self.draft is not None:
             out["draft"] = {"name": getattr(self.draft, "name", "draft"), "proposed": self.proposed,
@@ -70,11 +76,47 @@ class Generation:
         self.round_trips += 1
         return msg
 
+    def _hand_in(self, ids: list[int], want_all: bool):
+        """Start a chain: hand ``ids`` in, remembering them so that a lost chain can be redone."""
+        self._chain = (self.device.pos, list(ids), want_all)
+        return self._send(self.device.hand_in(ids, want_all=want_all))
+
     def start(self):
         if self.params.max_new_tokens == 0:
             self.done, self.finish_reason = True, "length"
             return None
-        return self._send(self.device.hand_in(self.prompt, want_all=self.keep_logits))
+        return self._hand_in(self.prompt, self.keep_logits)
+
+    def resume(self, device, max_chunk: int = 2048):
+        """Carry on in a fresh device session ``device`` (a new cloud session, on any replica)
+        after the cloud lost the old one mid-chain: the cloud's KV cache is only a cache, and
+        every token it held is here. Returns the first message for the new session: a
+        replay of every position before the lost chain, in hand-offs of at most
+        ``max_chunk`` tokens whose answers only rebuild caches, after which ``on`` hands
+        the lost chain in again exactly as it was. Nothing is sampled twice, so greedy and
+        seeded sampling give the tokens an uninterrupted run gives."""
+        if self.done or self._chain is None:
+            raise PrivateLoRAError("nothing to resume: the generation has not started or is over")
+        if max_chunk < 1:
+            raise PrivateLoRAError("max_chunk must be >= 1")
+        start, ids, want_all = self._chain
+        context = self.prompt + self.tokens
+        if len(context) < start:
+            raise PrivateLoRAError(f"cannot replay {start} positions from {len(context)} tokens")
+        device.comm = self.device.comm          # one session's accounting, whatever carried it
+        self.device = device
+        self.resumes += 1
+        self._replay, self._replay_chunk = list(context[:start]), max_chunk
+        return self._next_replay()
+
+    def _next_replay(self):
+        """The next replay hand-off, or the lost chain itself once everything before it is back."""
+        if not self._replay:
+            self._replay = None
+            _, ids, want_all = self._chain
+            return self._hand_in(ids, want_all)
+        part, self._replay = self._replay[:self._replay_chunk], self._replay[self._replay_chunk:]
+        return self._send(self.device.hand_in(part, want_all=False))
 
     def on(self, msg):
         if isinstance(msg, Activations):
@@ -84,6 +126,9 @@ class Generation:
             return None
         if not isinstance(msg, Handoff):
             raise PrivateLoRAError(f"unexpected message {type(msg).__name__}")
+        if self._replay is not None:     # a replay's answer: caches rebuilt up to here
+            self.device.logits(msg)               # runs any device tail layers; the logits are not used
+            return self._next_replay()
         drafts, self._drafts = self._drafts, []
         if drafts:
             logits = self.device.logits(msg, all_rows=True)       # one row per handed-in token
@@ -115,5 +160,5 @@ class Generation:
                 self.prompt + self.tokens, min(self.draft_tokens, room), self.sampler)
             self._drafts = list(drafts)
             if self._drafts:
-                return self._send(self.device.hand_in([last] + self._drafts, want_all=True))
-        return self._send(self.device.hand_in([last], want_all=self.keep_logits))
+                return self._hand_in([last] + self._drafts, True)
+        return self._hand_in([last], self.keep_logits)

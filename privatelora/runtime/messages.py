@@ -104,6 +104,17 @@ class Close(Message):
 
 
 @dataclass(frozen=True, repr=False)
+class Redirect(Message):
+    """Cloud -> device, answering an ``Open`` at a front door: open the session at this
+    replica instead. ``cert`` is the replica's PEM certificate to pin ("" on loopback)."""
+
+    session: int
+    host: str
+    port: int
+    cert: str = ""
+
+
+@dataclass(frozen=True, repr=False)
 class Error(Message):
     """Either way: a refusal or failure. Session 0 = about the connection, not a session."""
 

@@ -1,47 +1,230 @@
-"""The device driver over TCP: ``run_remote(client, part, prompt, params)`` drives one
-device session over a ``transport.Client``: exactly the ``Generation`` state machine the
-in-process runner uses.
+"""The device driver over TCP, and how a device's sessions survive the cloud losing them.
+
+``run_remote(target, part, prompt, params)`` drives one device session through exactly
+the ``Generation`` state machine the in-process runner uses. ``target`` is a
+``transport.Client`` or a ``Connector`` (where to open sessions: one address, which may
+be a front door that redirects, or a router).
+
+With ``resume=Resume(...)`` a session the cloud loses is not the generation's end: on a
+dropped connection, an answer that says the cloud let the session go (``busy``,
+``silent_device``, ``draining``, ...) or no answer within ``timeout``, the device opens a
+new session (elsewhere if it can), replays the tokens it holds and carries on
+(``Generation.resume``); the output is the one an uninterrupted run gives. Attempts are
+bounded, with exponential backoff and jitter; when they run out the generation ends with
+the last error, as it would have without ``resume``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import ssl
+import time
+from dataclasses import dataclass
+
 from privatelora import wire
 from privatelora.model.sampling import SamplingParams
 from privatelora.runtime.generation import Generation
-from privatelora.transport import Client
+from privatelora.transport import Client, Redirected, RemoteError
+
+# Error codes after which the same tokens can be served again by a new session. The others
+# (bad_position, geometry_mismatch, too_many_tokens, ...) would fail the same way again.
+RESUMABLE = frozenset({"busy", "too_many_sessions", "session_closed", "idle_timeout", "silent_device",
+                       "stage_failed", "draining", "replica_lost", "handler_error", "session_in_use"})
 
 
-async def run_remote(client: Client, part, prompt, params: SamplingParams | None = None, *,
+@dataclass(frozen=True)
+class Resume:
+    """How hard a device tries to keep its generation going: up to ``attempts`` new
+    sessions per generation, the n-th after ``min(max_backoff_s, backoff_s * 2**(n-1))``
+    seconds, scaled by a random factor in [0.5, 1] so that devices that lost the same
+    replica do not all come back at once."""
+
+    attempts: int = 8
+    backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self):
+        if self.attempts < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError("Resume needs attempts >= 0 and 0 <= backoff_s <= max_backoff_s")
+
+    def delay(self, n: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (n - 1)) * random.uniform(0.5, 1.0)
+
+
+class ResumeFailed(ConnectionError):
+    """Every attempt to (re)open a session failed; ``last`` is the last failure."""
+
+    def __init__(self, attempts: int, last: BaseException):
+        super().__init__(f"gave up after {attempts} attempts to reach a replica: {type(last).__name__}: {last}")
+        self.attempts, self.last = attempts, last
+
+
+class _Lost(Exception):
+    """The cloud ended the session with a resumable ``Error`` (the message)."""
+
+    def __init__(self, msg: wire.Error):
+        super().__init__(f"{msg.code}: {msg.reason}")
+        self.msg = msg
+
+
+class Connector:
+    """Where a device opens its sessions. ``open(geometry, avoid)`` returns a new
+    ``transport.Session``; ``where(session)`` names the replica it is on, so that a retry
+    can ``avoid`` it; ``close()`` closes every connection the connector made."""
+
+    async def open(self, geometry: wire.Geometry, avoid=frozenset()):
+        raise NotImplementedError
+
+    def where(self, session):
+        return id(session.client)
+
+    async def close(self) -> None:
+        pass
+
+
+class ClientConnector(Connector):
+    """One connection, made elsewhere: sessions re-open on it while it lives."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    async def open(self, geometry, avoid=frozenset()):
+        if self.client.closed:
+            raise ConnectionError("connection closed")
+        return await self.client.open(geometry)
+
+
+class AddressConnector(Connector):
+    """Sessions at ``host:port``: a ``cloud`` endpoint, a replica, or the front door of a
+    ``serve`` (which answers ``Open`` with the replica to use: the device follows it,
+    trusting the certificate the front door vouched for). Connections are made on demand,
+    kept per address, and made again when they drop. ``ssl_context`` (or ``ca``) is the
+    trust for ``host`` itself."""
+
+    def __init__(self, host: str, port: int, *, ca: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, link=None, seed: int | None = None, timeout: float = 10.0,
+                 compress: str = "auto"):
+        self.host, self.port = host, port
+        self._ca, self._ctx, self._name = ca, ssl_context, server_hostname
+        self._link, self._seed, self._timeout, self._compress = link, seed, timeout, compress
+        self._clients: dict[tuple, Client] = {}
+        self.redirects = 0
+
+    async def client(self, host: str, port: int, cert: str = "") -> Client:
+        key = (host, port)
+        c = self._clients.get(key)
+        if c is None or c.closed:
+            if (host, port) == (self.host, self.port):
+                ctx, name = self._ctx, self._name
+                if ctx is None and self._ca:
+                    from privatelora.transport import client_ssl_context
+                    ctx = self._ctx = client_ssl_context(self._ca)
+            else:                 # a replica the front door sent us to: pin its certificate
+                ctx, name = (ssl.create_default_context(cadata=cert), host) if cert else (None, None)
+            c = await Client.connect(host, port, ssl_context=ctx, server_hostname=name if ctx else None,
+                                     link=self._link, seed=self._seed, timeout=self._timeout,
+                                     compress=self._compress)
+            self._clients[key] = c
+        return c
+
+    async def open(self, geometry, avoid=frozenset()):
+        c = await self.client(self.host, self.port)
+        try:
+            return await c.open(geometry, timeout=self._timeout)
+        except Redirected as r:
+            self.redirects += 1
+            replica = await self.client(r.host, r.port, r.cert)
+            try:
+                return await replica.open(geometry, timeout=self._timeout)
+            except Redirected:
+                raise RemoteError("protocol", f"{r.host}:{r.port} redirected again: a replica must not redirect")
+
+    def where(self, session):
+        for key, c in self._clients.items():
+            if c is session.client:
+                return key
+        return None
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
+
+def _resumable(e: BaseException) -> bool:
+    if isinstance(e, _Lost):
+        return True
+    if isinstance(e, Redirected):
+        return False
+    if isinstance(e, RemoteError):
+        return e.code in RESUMABLE
+    return isinstance(e, (ConnectionError, OSError, TimeoutError, asyncio.TimeoutError))
+
+
+async def run_remote(target, part, prompt, params: SamplingParams | None = None, *,
                      dtype: str = "fp32", keep_logits: bool = False, timeout: float = 60.0,
-                     observe=None, draft=None, draft_tokens: int = 4, on_tokens=None) -> Generation:
-    """Generate for one user over ``client``; returns the finished ``Generation``.
+                     observe=None, draft=None, draft_tokens: int = 4, on_tokens=None,
+                     resume: Resume | None = None) -> Generation:
+    """Generate for one user through ``target`` (a ``Client`` or a ``Connector``); returns
+    the finished ``Generation``.
 
     ``observe(msg)``, if given, sees every message the cloud sent (benchmarks use it to
     tell prefill from decode traffic). ``draft``: speculative decoding drafted on the
     device (``runtime/draft.py``). ``on_tokens(n)``: called when the session has produced
-    ``n`` tokens in all (benchmarks time the arrivals)."""
+    ``n`` tokens in all (benchmarks time the arrivals). ``resume``: keep going when the
+    cloud loses the session (module docstring); the generation's ``resumes`` and
+    ``recoveries`` (seconds from each loss to the lost chain's answer) say what it cost."""
     params = params or SamplingParams()
+    conn = target if isinstance(target, Connector) else ClientConnector(target)
     geometry = wire.session_geometry(part.exchange_ids, part.model_config.hidden_size, part.cfg, dtype)
-    sess = await client.open(geometry)
-    dev = part.session(sess.id, bytes_per_number=wire.DTYPES[dtype])
-    gen = Generation(dev, list(prompt), params, keep_logits=keep_logits, draft=draft, draft_tokens=draft_tokens)
-    if draft is not None:
-        draft.reset()
-    try:
-        msg = gen.start()
-        while msg is not None:
-            if isinstance(msg, wire.Handoff):
-                await sess.send(msg, dtype=wire.HANDOFF_DTYPE[dtype])
+    handoff_dtype = wire.HANDOFF_DTYPE[dtype]
+    gen: Generation | None = None
+    avoid: set = set()
+    failures, lost_at = 0, None
+    while True:
+        sess = None
+        try:
+            sess = await conn.open(geometry, frozenset(avoid))
+            dev = part.session(sess.id, bytes_per_number=wire.DTYPES[dtype])
+            if gen is None:
+                gen = Generation(dev, list(prompt), params, keep_logits=keep_logits, draft=draft,
+                                 draft_tokens=draft_tokens)
+                if draft is not None:
+                    draft.reset()
+                msg = gen.start()
             else:
-                await sess.send(msg)
-            ans = await sess.recv(timeout)
-            if observe is not None:
-                observe(ans)
-            have = len(gen.tokens)
-            msg = gen.on(ans)
-            if on_tokens is not None and len(gen.tokens) > have:
-                on_tokens(len(gen.tokens))
-    finally:
-        if not client.closed:
-            await sess.close()
-    return gen
+                msg = gen.resume(dev, geometry.max_tokens)
+            try:
+                while msg is not None:
+                    await sess.send(msg, dtype=handoff_dtype if isinstance(msg, wire.Handoff) else None)
+                    ans = await sess.recv(timeout)
+                    if resume is not None and isinstance(ans, wire.Error) and ans.code in RESUMABLE \
+                            and failures < resume.attempts:
+                        raise _Lost(ans)
+                    if observe is not None:
+                        observe(ans)
+                    if lost_at is not None and isinstance(ans, wire.Handoff) and gen._replay is None:
+                        gen.recoveries.append(time.monotonic() - lost_at)    # back where it was lost
+                        lost_at = None
+                    have = len(gen.tokens)
+                    msg = gen.on(ans)
+                    if on_tokens is not None and len(gen.tokens) > have:
+                        on_tokens(len(gen.tokens))
+            finally:
+                if not sess.client.closed:
+                    try:
+                        await sess.close()
+                    except ConnectionError:
+                        pass
+            return gen
+        except (RemoteError, ConnectionError, OSError, TimeoutError, asyncio.TimeoutError, _Lost) as e:
+            if resume is None or not _resumable(e) or failures >= resume.attempts:
+                if resume is not None and failures and not isinstance(e, _Lost) and _resumable(e):
+                    raise ResumeFailed(failures + 1, e) from e
+                raise
+            failures += 1
+            lost_at = lost_at if lost_at is not None else time.monotonic()
+            if sess is not None:
+                avoid.add(conn.where(sess))
+            await asyncio.sleep(resume.delay(failures))

@@ -8,7 +8,7 @@ emulation (``link.py``). This package exports that public surface.
 from privatelora.transport.client import Client, Session  # noqa: F401
 from privatelora.transport.server import MAX_PENDING_WRITE, MAX_REFUSALS_IN_A_ROW, Server, ServerConnection  # noqa: F401
 from privatelora.transport.stats import ByteStats, KindBytes  # noqa: F401
-from privatelora.transport.streams import RemoteError  # noqa: F401
+from privatelora.transport.streams import Redirected, RemoteError  # noqa: F401
 from privatelora.transport.tls import (  # noqa: F401
                                        TLSRequiredError,
                                        client_ssl_context,

@@ -16,7 +16,7 @@ from collections import Counter
 from privatelora import wire
 from privatelora.transport.link import LinkProfile, Shaper, get_profile
 from privatelora.transport.stats import ByteStats
-from privatelora.transport.streams import CLOSED, READ_LIMIT, RemoteError, nodelay, read_frame
+from privatelora.transport.streams import CLOSED, READ_LIMIT, Redirected, RemoteError, nodelay, read_frame
 from privatelora.transport.tls import TLSRequiredError, client_ssl_context, is_loopback
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class Client:
         return cls(reader, writer, max_frame=max_frame, compress=compress, link=profile, seed=seed)
 
     async def open(self, geometry: wire.Geometry, *, timeout: float | None = 10.0) -> Session:
-        """Open a session with a fresh random id and key; RemoteError if refused."""
+        """Open a session with a fresh random id and key; ``RemoteError`` if refused,
+        ``Redirected`` if this address is a front door that places sessions elsewhere."""
         geometry.validate()
         sid = 0
         while sid == 0 or sid in self._sessions:
@@ -112,6 +113,8 @@ class Client:
         if isinstance(reply, wire.Opened):
             return sess
         self._sessions.pop(sid, None)
+        if isinstance(reply, wire.Redirect):
+            raise Redirected(reply.host, reply.port, reply.cert)
         if isinstance(reply, wire.Error):
             raise RemoteError(reply.code, reply.reason)
         raise RemoteError("protocol", f"expected Opened, got {type(reply).__name__}")

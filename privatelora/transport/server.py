@@ -200,6 +200,7 @@ class Server:
         self.disconnects: Counter[str] = Counter()  # connections closed for cause, by code
         self.handler_errors: Counter[str] = Counter()  # handler exceptions, by type name
         self.ignored: Counter[str] = Counter()  # frames dropped as harmless (Close of a closed session)
+        self.redirects = 0                      # Opens answered with a Redirect (a front door)
         self.stats = ByteStats()
         self.connections: set[ServerConnection] = set()
         self._owner: dict[int, ServerConnection] = {}  # session -> connection that opened it
@@ -367,7 +368,8 @@ class Server:
         self.stats.add(wire.UP, info)
 
     async def _open(self, conn: ServerConnection, msg: wire.Open) -> bool:
-        """Open the session (True) or decline it with an ``Error`` (False)."""
+        """Open the session (True) or decline it with an ``Error`` (False). A handler that
+        returns a ``Redirect`` sends the device elsewhere (True: the frame was fine)."""
         s = msg.session
         if s in self._owner:  # answer with the Open's own key: only its sender can verify it
             self._refuse(conn, wire.AuthError("session_in_use", f"session {s} is already open"),
@@ -376,7 +378,12 @@ class Server:
         conn.sessions[s] = _SessionState(msg.key, msg.geometry)
         self._owner[s] = conn
         try:
-            await self.handler(conn, msg)
+            answer = await self.handler(conn, msg)
+            if isinstance(answer, wire.Redirect):    # a front door: the session opens elsewhere
+                self._forget(conn, s)
+                conn._write(answer, key=msg.key)
+                self.redirects += 1
+                return True
         except Exception as e:  # the application rejected the session
             self._forget(conn, s)
             code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("rejected", str(e))

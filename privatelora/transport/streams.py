@@ -20,6 +20,15 @@ class RemoteError(Exception):
         self.code, self.reason = code, reason
 
 
+class Redirected(RemoteError):
+    """A front door answered the ``Open``: open the session at ``host:port`` (pinning
+    ``cert``, a PEM certificate, when it is not empty)."""
+
+    def __init__(self, host: str, port: int, cert: str = ""):
+        super().__init__("redirect", f"open the session at {host}:{port}")
+        self.host, self.port, self.cert = host, port, cert
+
+
 def nodelay(writer: asyncio.StreamWriter) -> None:
     # one small frame per layer per token: never let Nagle hold it back for an ACK
     sock = writer.get_extra_info("socket")

@@ -8,7 +8,7 @@ callers write ``wire.encode(...)``; the message classes are re-exported for conv
 Layout and refusal codes: ``docs/wire.md``.
 """
 
-from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Reply  # noqa: F401
+from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Redirect, Reply  # noqa: F401
 from privatelora.wire import training as _training  # noqa: F401  (registers kinds 16-21)
 from privatelora.wire.errors import AuthError, FrameError, GeometryError, PrivacyError, SchemaError, WireError  # noqa: F401
 from privatelora.wire.frames import (  # noqa: F401

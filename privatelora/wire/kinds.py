@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Reply
+from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Redirect, Reply
 from privatelora.wire.errors import GeometryError, PrivacyError, SchemaError
 from privatelora.wire.schema import (
     CODE_RE,
@@ -144,6 +144,19 @@ def _check_error(code, reason) -> dict:
     return {"code": code, "reason": reason}
 
 
+MAX_HOST = 255
+MAX_CERT = 16384
+
+
+def _check_redirect(host, port, cert) -> dict:
+    if type(host) is not str or not 0 < len(host) <= MAX_HOST or any(c.isspace() for c in host):
+        raise SchemaError("bad_field", f"redirect host must be a str of 1-{MAX_HOST} chars without spaces")
+    check_int(port, "port", 1, 65535)
+    if type(cert) is not str or len(cert) > MAX_CERT:
+        raise SchemaError("bad_field", f"redirect cert must be a PEM str of <= {MAX_CERT} chars")
+    return {"host": host, "port": port, "cert": cert}
+
+
 _act_enc, _act_dec = _layer_tensors(Activations, "a", lambda g: g.n_activations)
 _rep_enc, _rep_dec = _layer_tensors(Reply, "m", lambda g: len(g.targets))
 BOTH = frozenset({UP, DOWN})
@@ -157,3 +170,6 @@ register(Kind(6, "close", Close, frozenset({UP})))
 register(Kind(7, "error", Error, BOTH, frozenset({"code", "reason"}), (),
               lambda msg, ctx: _check_error(msg.code, msg.reason),
               lambda session, body, ctx: Error(session, **_check_error(body["code"], body["reason"]))))
+register(Kind(8, "redirect", Redirect, frozenset({DOWN}), frozenset({"host", "port", "cert"}), (),
+              lambda msg, ctx: _check_redirect(msg.host, msg.port, msg.cert),
+              lambda session, body, ctx: Redirect(session, **_check_redirect(body["host"], body["port"], body["cert"]))))
