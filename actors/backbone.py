@@ -110,6 +110,30 @@ class BackboneReplica:
             raise RuntimeError(f"replica {self.replica_id} {NOT_STARTED}")
         self.endpoint.check_health()
 
+    async def status(self) -> dict:
+        """What the router and the autoscaler watch, twice a second: raises like
+        ``check_health`` when this replica cannot serve, else its load."""
+        await self.check_health()
+        ep = self.endpoint
+        return {"replica": self.replica_id, "pid": os.getpid(), "sessions": len(ep._dtype) - len(ep._closing),
+                "running": ep.scheduler.running, "waiting": ep.scheduler.waiting, "stages": ep.cloud.stats.stages,
+                "queue_s_total": ep.queue_s_total, "draining": ep.draining}
+
+    async def drain(self, grace_s: float = 10.0) -> dict:
+        """Leave gracefully: take no new session, give open ones ``grace_s`` to finish, then
+        end the rest with ``draining`` (their devices resume them on another replica)."""
+        import asyncio
+        import time
+        if self.endpoint is None:
+            return {"evicted": 0, "finished": 0}
+        self.endpoint.drain()
+        open_at_start = len(self.endpoint._dtype)
+        deadline = time.monotonic() + grace_s
+        while self.endpoint._dtype and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        evicted = self.endpoint.drain(evict=True)
+        return {"evicted": evicted, "finished": max(0, open_at_start - evicted)}
+
     async def stats(self) -> dict:
         return {"replica": self.replica_id, **self.endpoint.stats()}
 

@@ -31,42 +31,100 @@ def join_cluster(address):
                          f"ray start ... --resources '{{\"{CLOUD}\": 8}}'")
 
 
-def serve(args, cfg: PrivateLoRAConfig) -> dict:
+def _replica_line(i: dict) -> dict:
+    return {k: v for k, v in i.items() if k != "cert_pem"} | {"tls": bool(i["cert_pem"])}
+
+
+def scaling(args):
+    """(replicas to start, ``AutoscalePolicy`` or None) from the serve flags."""
+    from privatelora.serving.autoscale import AutoscalePolicy
+    lo = args.min_replicas or args.replicas or 1
+    hi = args.max_replicas or max(lo, args.replicas or lo)
+    start = args.replicas or lo
+    if not 1 <= lo <= start <= hi:
+        raise UsageError(f"need 1 <= --min-replicas ({lo}) <= --replicas ({start}) <= --max-replicas ({hi})")
+    if hi == lo:
+        return start, None
+    try:
+        return start, AutoscalePolicy(min_replicas=lo, max_replicas=hi, up_sessions=args.scale_up_sessions,
+                                      up_queue_s=args.scale_up_queue_ms / 1000,
+                                      down_sessions=args.scale_down_sessions, down_after_s=args.scale_down_after)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
+def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
+    """Run the pool until SIGINT/SIGTERM; with ``--json``, events go to ``out`` as JSON lines."""
+    out = out or sys.stdout
+    from privatelora.serving.autoscale import Autoscaler
     metrics_port, sd_file = getattr(args, "metrics_port", 0), getattr(args, "metrics_sd_file", None)
     if sd_file and not metrics_port:
         raise UsageError("--metrics-sd-file needs --metrics-port")
+    replicas, policy = scaling(args)
     join_cluster(args.address)
     started = time.time()
     bounds = endpoint_bounds(args)
-    pool = Pool(args.model, cfg, replicas=args.replicas, max_sessions=args.max_sessions, port=args.port,
+    pool = Pool(args.model, cfg, replicas=replicas, max_sessions=args.max_sessions, port=args.replica_port,
                 idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
                 endpoint_options=bounds)
-    if sd_file:     # Prometheus file_sd: one target per replica, labelled replica="i"
-        from privatelora.serving.metrics import write_sd_file
-        write_sd_file(sd_file, [(*i["metrics"], i["replica"]) for i in pool.infos])
-    ready = {"event": "serving", "replicas": [{k: v for k, v in i.items() if k != "cert_pem"} | {"tls": bool(i["cert_pem"])}
-                                              for i in pool.infos],
-             "seconds_to_ready": time.time() - started}
+    door = pool.listen(args.host, args.port)
+    if door["cert_pem"] and args.door_cert_out:
+        with open(args.door_cert_out, "w") as f:
+            f.write(door["cert_pem"])
+
+    def write_targets():
+        if sd_file:     # Prometheus file_sd: one target per replica, labelled replica="i"
+            from privatelora.serving.metrics import write_sd_file
+            write_sd_file(sd_file, [(*i["metrics"], i["replica"]) for i in pool.infos.values()])
+    write_targets()
+    ready = {"event": "serving", "front_door": {"host": door["host"], "port": door["port"], "tls": bool(door["cert_pem"])},
+             "replicas": [_replica_line(i) for i in pool.infos.values()],
+             "autoscale": policy.to_dict() if policy else None, "seconds_to_ready": time.time() - started}
+
+    def emit(event: dict, text: str):
+        print(json.dumps(event) if args.json else f"[serve] {text}", file=out if args.json else sys.stderr,
+              flush=True)
     if args.json:
-        print(json.dumps(ready), flush=True)
+        print(json.dumps(ready), file=out, flush=True)
     else:
-        for i in pool.infos:
+        for i in pool.infos.values():
             print(f"[serve] replica {i['replica']} ({i['device']}, layers {i['layers'][0]}-{i['layers'][-1]}) on "
                   f"{i['host']}:{i['port']}{' (TLS)' if i['cert_pem'] else ''}", file=sys.stderr, flush=True)
             if i["metrics"]:
                 print(f"[serve] replica {i['replica']} metrics on http://{i['metrics'][0]}:{i['metrics'][1]}/metrics",
                       file=sys.stderr, flush=True)
-        print("[serve] devices: privatelora edge --connect HOST:PORT ...; Ctrl-C stops", file=sys.stderr, flush=True)
+        tls = " (TLS" + (f", certificate in {args.door_cert_out})" if args.door_cert_out else ")") if door["cert_pem"] else ""
+        print(f"[serve] front door on {door['host']}:{door['port']}{tls}: privatelora edge --connect "
+              f"{door['host']}:{door['port']} ...", file=sys.stderr, flush=True)
+        if policy:
+            print(f"[serve] autoscaling between {policy.min_replicas} and {policy.max_replicas} replicas",
+                  file=sys.stderr, flush=True)
+        print("[serve] Ctrl-C stops", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(5.0):          # watch the replicas: Ray restarts one whose stage loop stopped
-        for i in pool.heal():
-            event = {"event": "restarted", "replica": i, "address": [pool.infos[i]["host"], pool.infos[i]["port"]]}
-            print(json.dumps(event) if args.json else f"[serve] replica {i} was unhealthy: restarted on "
-                  f"{event['address'][0]}:{event['address'][1]}", file=sys.stdout if args.json else sys.stderr, flush=True)
+    scaler = Autoscaler(policy) if policy else None
+    while not stop.wait(1.0):          # watch: restart what stopped serving, then scale
+        try:
+            for i in pool.heal():
+                info = pool.infos.get(i)
+                where = [info["host"], info["port"]] if info else None
+                emit({"event": "restarted", "replica": i, "address": where},
+                     f"replica {i} stopped serving: restarted on {where[0]}:{where[1]}" if where
+                     else f"replica {i} could not be restarted: replaced by a new replica")
+                write_targets()
+            if scaler is not None:
+                d = pool.autoscale(scaler, grace_s=args.drain_grace)
+                if d["action"] != "hold":
+                    emit({"event": "scaled", **{k: v for k, v in d.items() if k != "at"}},
+                         f"scaled {d['action']} to {d['replicas_after']} replicas (replica {d['replica']}): {d['reason']}")
+                    write_targets()
+        except Exception as e:       # the watch must outlive a failed step: log it, try again
+            emit({"event": "watch_failed", "error": f"{type(e).__name__}: {e}"[:300]},
+                 f"watch step failed: {type(e).__name__}: {e}")
     stats = pool.stats()
     if sd_file:
+        from privatelora.serving.metrics import write_sd_file
         write_sd_file(sd_file, [])     # a clean stop leaves no target to scrape
     pool.shutdown()
     ray.shutdown()

@@ -15,6 +15,53 @@ from __future__ import annotations
 import ssl
 import time
 
+from privatelora.serving.remote import Connector
+
+
+class RouterConnector(Connector):
+    """Sessions where the router places them (``actors.router``), on one connection per
+    replica; a retry avoids the replicas this generation already lost sessions on."""
+
+    def __init__(self, router, link: str = "loopback", seed: int | None = None):
+        self.router, self.link, self.seed = router, link, seed
+        self._clients: dict[tuple, object] = {}     # (host, port) -> Client
+        self._replica: dict[int, int] = {}          # id(client) -> replica id
+        self._made: list = []                       # every connection, for byte accounting
+        self.last_replica = None
+
+    async def open(self, geometry, avoid=frozenset()):
+        from privatelora.transport import Client
+        info = await self.router.route.remote(list(avoid))
+        key = (info["host"], info["port"])
+        c = self._clients.get(key)
+        if c is None or c.closed:
+            ctx = None
+            if info.get("cert_pem"):      # pinned trust in the replica's certificate, no file written
+                ctx = ssl.create_default_context(cadata=info["cert_pem"])
+            c = await Client.connect(info["host"], info["port"], ssl_context=ctx,
+                                     server_hostname=info["host"] if ctx else None, link=self.link, seed=self.seed)
+            self._clients[key] = c
+            self._made.append(c)
+            self._replica[id(c)] = info["replica"]
+        self.last_replica = info["replica"]
+        return await c.open(geometry)
+
+    def where(self, session):
+        return self._replica.get(id(session.client))
+
+    def stats(self) -> dict:
+        """Bytes on every connection this connector made, summed."""
+        from privatelora.transport import ByteStats
+        total = ByteStats()
+        for c in self._made:
+            total.merge(c.stats)
+        return total.as_dict()
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
 
 class EdgeActor:
     def __init__(self, user: int, model: str, cfg: dict, router, *, adapter_path: str | None = None,
@@ -36,7 +83,7 @@ class EdgeActor:
             self.device.adapter.randomize_(adapter_seed, scale=adapter_scale)
         self.tokenizer = self.device.tokenizer
         pin_to_cores(cores)                       # after loading, which may use every core
-        self._clients: dict[int, object] = {}
+        self._connectors: dict[str, object] = {}
         self._drafts: dict[str, object] = {}
 
     def _draft(self, spec: str | None):
@@ -47,45 +94,39 @@ class EdgeActor:
             self._drafts[spec] = load_draft(spec)
         return self._drafts[spec]
 
-    async def _client(self, info: dict, link: str = "loopback"):
-        from privatelora.transport import Client
-        rid = (info["replica"], link)
-        c = self._clients.get(rid)
-        if c is None or c.closed:
-            ctx = None
-            if info.get("cert_pem"):      # pinned trust in the replica's certificate, no file written
-                ctx = ssl.create_default_context(cadata=info["cert_pem"])
-            c = await Client.connect(info["host"], info["port"], ssl_context=ctx,
-                                     server_hostname=info["host"] if ctx else None, link=link, seed=self.user)
-            self._clients[rid] = c
-        return c
+    def _connector(self, link: str = "loopback"):
+        conn = self._connectors.get(link)
+        if conn is None:
+            conn = self._connectors[link] = RouterConnector(self.router, link=link, seed=self.user)
+        return conn
 
     async def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, draft: str | None = None, draft_tokens: int = 4) -> dict:
+                       seed: int = 0, draft: str | None = None, draft_tokens: int = 4,
+                       resume_attempts: int = 8, link: str = "loopback") -> dict:
         """Generate for this user; ``prompt`` is text or a list of token ids; ``draft``: speculative
-        decoding drafted here, on the device (ngram, tiny or a local checkpoint path)."""
+        decoding drafted here, on the device (ngram, tiny or a local checkpoint path). A session
+        the cloud loses is resumed on a healthy replica (up to ``resume_attempts`` times).
+        ``link``: emulate a network between this device and the cloud (``transport/link.py``)."""
         from privatelora.model.sampling import SamplingParams
-        from privatelora.serving.remote import run_remote
+        from privatelora.serving.remote import Resume, run_remote
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt, add_special_tokens=False)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop_ids=(eos,) if eos is not None else ())
-        info = await self.router.route.remote()
-        try:
-            client = await self._client(info)
-            before = client.stats.as_dict()
-            t0 = time.perf_counter()
-            gen = await run_remote(client, self.device, ids, params, dtype=self.wire_dtype,
-                                   draft=self._draft(draft), draft_tokens=draft_tokens)
-            dt = time.perf_counter() - t0
-            after = client.stats.as_dict()
-        finally:
-            self.router.release.remote(info["replica"])
+        conn = self._connector(link)
+        before = conn.stats()
+        t0 = time.perf_counter()
+        gen = await run_remote(conn, self.device, ids, params, dtype=self.wire_dtype, draft=self._draft(draft),
+                               draft_tokens=draft_tokens, resume=Resume(attempts=resume_attempts))
+        dt = time.perf_counter() - t0
+        after = conn.stats()
+        if gen.recoveries:
+            await self.router.note_recovery.remote(list(gen.recoveries))
 
         def wire(direction, kind="total", field="wire"):
             return after.get(direction, {}).get(kind, {}).get(field, 0) - \
                 before.get(direction, {}).get(kind, {}).get(field, 0)
-        return {"user": self.user, "replica": info["replica"], "tokens": gen.tokens,
+        return {"user": self.user, "replica": conn.last_replica, "tokens": gen.tokens,
                 "text": self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else None,
                 "finish_reason": gen.finish_reason, "error": gen.error.code if gen.error else None,
                 "seconds": dt, "prompt_tokens": len(ids), "cloud_tokens": gen.device.comm.tokens,
@@ -106,28 +147,24 @@ class EdgeActor:
         from privatelora import wire
         from privatelora.model.sampling import SamplingParams
         from privatelora.serving.remote import run_remote
-        info = await self.router.route.remote()
-        try:
-            client = await self._client(info, link)
-            await asyncio.sleep(max(0.0, start_at - time.time()))
+        conn = self._connector(link)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
 
-            async def one(user, device, prompt):
-                times = []
-                started = time.time()
-                gen = await run_remote(client, device, prompt, SamplingParams(max_new_tokens=new_tokens),
-                                       dtype=self.wire_dtype, timeout=120.0,
-                                       observe=lambda m: times.append(time.time()) if isinstance(m, wire.Handoff)
-                                       else None)
-                return {"user": user, "started": started, "token_times": times, "tokens": len(gen.tokens),
-                        "ids": gen.tokens, "error": gen.error.code if gen.error else None}
-            return list(await asyncio.gather(*(one(*job) for job in jobs)))
-        finally:
-            self.router.release.remote(info["replica"])
+        async def one(user, device, prompt):
+            times = []
+            started = time.time()
+            gen = await run_remote(conn, device, prompt, SamplingParams(max_new_tokens=new_tokens),
+                                   dtype=self.wire_dtype, timeout=120.0,
+                                   observe=lambda m: times.append(time.time()) if isinstance(m, wire.Handoff)
+                                   else None)
+            return {"user": user, "started": started, "token_times": times, "tokens": len(gen.tokens),
+                    "ids": gen.tokens, "error": gen.error.code if gen.error else None}
+        return list(await asyncio.gather(*(one(*job) for job in jobs)))
 
     async def close(self) -> None:
-        for c in self._clients.values():
+        for c in self._connectors.values():
             await c.close()
-        self._clients.clear()
+        self._connectors.clear()
 
     def node_id(self) -> str:
         return self.node
@@ -164,7 +201,7 @@ class EdgeHost(EdgeActor):
         self.tokenizer = backbone.tokenizer
         del backbone
         pin_to_cores(cores)
-        self._clients: dict[int, object] = {}
+        self._connectors: dict[str, object] = {}
 
     async def generate(self, *args, **kwargs) -> dict:
         raise TypeError("an edge host serves several users: use bench_decode_many, or an EdgeActor per user")

@@ -12,7 +12,7 @@ import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from privatelora.config import PrivateLoRAConfig
 from privatelora.placement import CLOUD, EDGE
@@ -29,11 +29,15 @@ def replica_host() -> str:
 
 
 class Pool:
+    """Backbone replicas (each in its own placement group on a cloud node), their router,
+    and edge actors. Replicas are kept by id (``replicas``, ``infos``, ``groups``: dicts);
+    ids are never reused, so a replica added later gets a new one."""
+
     def __init__(self, model: str = "tiny", cfg: PrivateLoRAConfig | None = None, replicas: int = 1, *,
                  max_sessions: int = 256, idle_timeout_s: float = 120.0, port: int = 0, replica_cpus: float = 1,
                  host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
                  gather_s: float = 0.01, record_frames: bool = False, metrics_port: int = 0,
-                 max_restarts: int = 3, endpoint_options: dict | None = None):
+                 max_restarts: int = 3, endpoint_options: dict | None = None, watch_period_s: float = 0.5):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.model = model
@@ -43,23 +47,108 @@ class Pool:
         split = max(1, int(replica_cpus))
         self.cloud_cores = list(range(split)) if pin_cores and ncpu > split else None
         self.edge_cores = list(range(split, ncpu)) if self.cloud_cores else None
-        self.router = ray.remote(Router).options(num_cpus=0, resources={CLOUD: 0.001}).remote()
-        self.groups, self.replicas = [], []
-        for i in range(replicas):
-            pg = placement_group([{"CPU": replica_cpus, CLOUD: 1}], strategy="STRICT_PACK")
-            ray.get(pg.ready(), timeout=timeout_s)
-            self.groups.append(pg)
-            actor = ray.remote(BackboneReplica).options(
-                num_cpus=replica_cpus, resources={CLOUD: 1}, max_concurrency=64, max_restarts=max_restarts,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
-                i, model, self.cfg.to_dict(), max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
-                host=host or replica_host(), port=port + i if port else 0, threads=max(1, int(replica_cpus)),
-                cores=self.cloud_cores, gather_s=gather_s, record_frames=record_frames,
-                metrics_port=metrics_port + i if metrics_port else 0,     # replica i: /metrics on PORT+i
-                endpoint_options=endpoint_options)
-            self.replicas.append(actor)
-        self.infos = ray.get([r.start.remote() for r in self.replicas], timeout=timeout_s)
-        ray.get([self.router.register.remote(info) for info in self.infos])
+        here = ray.get_runtime_context().get_node_id()      # the router stays with the driver when it can
+        self.router = ray.remote(Router).options(
+            num_cpus=0, resources={CLOUD: 0.001}, max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(watch_period_s=watch_period_s)
+        self._replica_kw = dict(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, gather_s=gather_s,
+                                record_frames=record_frames, endpoint_options=endpoint_options)
+        self.replica_cpus, self.max_restarts, self.host, self.timeout_s = replica_cpus, max_restarts, host, timeout_s
+        self.port, self.metrics_port = port, metrics_port
+        self.groups: dict[int, object] = {}
+        self.replicas: dict[int, object] = {}
+        self.infos: dict[int, dict] = {}
+        self.door: dict | None = None
+        self._next_id = 0
+        refs = [self._create() for _ in range(replicas)]
+        for rid, info in zip(list(self.replicas), ray.get(refs, timeout=timeout_s)):
+            self.infos[rid] = info
+        ray.get([self.router.register.remote(self.infos[r], self.replicas[r]) for r in self.replicas])
+
+    def _create(self, timeout_s: float | None = None):
+        """A new replica in its own placement group; returns the ref of its ``start``."""
+        rid = self._next_id
+        pg = placement_group([{"CPU": self.replica_cpus, CLOUD: 1}], strategy="STRICT_PACK")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s or self.timeout_s)
+        except Exception:
+            remove_placement_group(pg)
+            raise
+        self._next_id += 1
+        self.groups[rid] = pg
+        self.replicas[rid] = ray.remote(BackboneReplica).options(
+            num_cpus=self.replica_cpus, resources={CLOUD: 1}, max_concurrency=64, max_restarts=self.max_restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
+            rid, self.model, self.cfg.to_dict(), host=self.host or replica_host(),
+            port=self.port + rid if self.port else 0, threads=max(1, int(self.replica_cpus)),
+            cores=self.cloud_cores, metrics_port=self.metrics_port + rid if self.metrics_port else 0,
+            **self._replica_kw)       # replica i: /metrics on METRICS_PORT+i
+        return self.replicas[rid].start.remote()
+
+    def listen(self, host: str | None = None, port: int = 0) -> dict:
+        """Open the router's front door: one address where outside devices open sessions
+        (``serving.frontdoor``). Returns ``{"host", "port", "cert_pem"}``."""
+        self.door = ray.get(self.router.listen.remote(host, port), timeout=self.timeout_s)
+        return self.door
+
+    def add_replica(self, timeout_s: float = 60.0) -> int:
+        """Start one more replica where a cloud node has room (``TimeoutError``-like Ray
+        error if none has) and put it in the rotation. Returns its id."""
+        ref = self._create(timeout_s)
+        rid = self._next_id - 1
+        self.infos[rid] = ray.get(ref, timeout=self.timeout_s)
+        ray.get(self.router.register.remote(self.infos[rid], self.replicas[rid]))
+        return rid
+
+    def remove_replica(self, rid: int, grace_s: float = 10.0) -> dict:
+        """Take ``rid`` out: the router stops placing sessions on it, open sessions get
+        ``grace_s`` to finish and the rest are told ``draining`` (devices resume them on
+        another replica); then the replica stops and its placement group is freed."""
+        ray.get(self.router.drain.remote(rid))
+        try:
+            out = ray.get(self.replicas[rid].drain.remote(grace_s), timeout=grace_s + 30)
+        except Exception as e:        # a dead replica has nothing to drain
+            out = {"evicted": 0, "finished": 0, "error": type(e).__name__}
+        ray.get(self.router.unregister.remote(rid))
+        self._discard(rid)
+        return {"replica": rid, **out}
+
+    def _discard(self, rid: int) -> None:
+        r = self.replicas.pop(rid)
+        self.infos.pop(rid, None)
+        try:
+            ray.get(r.stop.remote(), timeout=30)
+        except Exception:             # a dead replica has nothing left to stop
+            pass
+        ray.kill(r)
+        pg = self.groups.pop(rid, None)
+        if pg is not None:
+            remove_placement_group(pg)
+
+    def autoscale(self, scaler, now: float | None = None, grace_s: float = 10.0) -> dict:
+        """One autoscaler step: read every replica's status, decide, act, report the
+        decision to the router (metrics). ``scaler``: a ``serving.autoscale.Autoscaler``."""
+        now = time.monotonic() if now is None else now
+        refs = {rid: r.status.remote() for rid, r in self.replicas.items()}
+        status = {}
+        for rid, ref in refs.items():
+            try:
+                status[rid] = ray.get(ref, timeout=10)
+            except Exception:         # unhealthy: heal's business, not load
+                pass
+        decision = scaler.decide(now, status)
+        if decision["action"] == "up":
+            try:
+                decision["replica"] = self.add_replica()
+            except Exception as e:
+                decision.update(action="hold", replicas_after=decision["replicas_before"],
+                                reason=f"{decision['reason']}; no cloud node has room: {type(e).__name__}")
+        elif decision["action"] == "down":
+            decision["drained"] = self.remove_replica(decision["replica"], grace_s)
+        if decision["action"] != "hold":
+            scaler.changed(time.monotonic())
+        ray.get(self.router.note_autoscale.remote(decision))
+        return decision
 
     def edge(self, user: int, *, adapter_path: str | None = None, adapter_seed: int | None = None,
              adapter_scale: float = 0.3, wire_dtype: str = "fp32", **options):
@@ -79,25 +168,26 @@ class Pool:
 
     def health(self, timeout_s: float = 10.0) -> list[dict]:
         """Each replica's ``check_health``: ``{"replica", "ok", "reason"}``."""
-        refs = [r.check_health.remote() for r in self.replicas]
+        refs = {rid: r.check_health.remote() for rid, r in self.replicas.items()}
         out = []
-        for i, ref in enumerate(refs):
+        for rid, ref in refs.items():
             try:
                 ray.get(ref, timeout=timeout_s)
-                out.append({"replica": i, "ok": True, "reason": None})
+                out.append({"replica": rid, "ok": True, "reason": None})
             except Exception as e:     # unhealthy (RuntimeError), dead or restarting (RayActorError), hung
                 cause = getattr(e, "cause", None) or e          # a RayTaskError wraps the actor's own error
-                out.append({"replica": i, "ok": False, "reason": f"{type(cause).__name__}: {cause}"[:300]})
+                out.append({"replica": rid, "ok": False, "reason": f"{type(cause).__name__}: {cause}"[:300]})
         return out
 
     def heal(self, timeout_s: float = 120.0) -> list[int]:
-        """Restart every unhealthy replica (Ray restarts the actor within ``max_restarts``;
-        its sessions are lost, devices reconnect), start its endpoint again and register it
-        with the router. Returns the replicas restarted."""
+        """Take every unhealthy replica out of the rotation, have Ray restart it (within
+        ``max_restarts``; its devices resume their sessions elsewhere meanwhile), start its
+        endpoint again and put it back. Returns the replicas restarted."""
         bad = [h for h in self.health() if not h["ok"]]
         for h in bad:
             i = h["replica"]
             r = self.replicas[i]
+            ray.get(self.router.unregister.remote(i))
             if NOT_STARTED not in h["reason"]:     # a process Ray already restarted only needs starting
                 ray.kill(r, no_restart=False)
             deadline = time.monotonic() + timeout_s
@@ -105,23 +195,26 @@ class Pool:
                 try:
                     self.infos[i] = ray.get(r.start.remote(), timeout=timeout_s)
                     break
-                except Exception:
+                except Exception:     # down, restarting, or the old process still answering
                     if time.monotonic() > deadline:
-                        raise
+                        self.infos[i] = None
+                        break
                     time.sleep(0.5)
-            ray.get(self.router.register.remote(self.infos[i]))
+            if self.infos[i] is None:     # out of restarts (or its node is gone): a new replica instead
+                self._discard(i)
+                self.add_replica(timeout_s)
+                continue
+            ray.get(self.router.register.remote(self.infos[i], r))
         return [h["replica"] for h in bad]
 
     def stats(self) -> list[dict]:
-        return ray.get([r.stats.remote() for r in self.replicas])
+        return ray.get([r.stats.remote() for r in self.replicas.values()])
 
     def shutdown(self) -> None:
-        for r in self.replicas:
-            try:
-                ray.get(r.stop.remote(), timeout=30)
-            except Exception:   # a dead replica has nothing left to stop
-                pass
-            ray.kill(r)
+        try:
+            ray.get(self.router.stop.remote(), timeout=10)
+        except Exception:
+            pass
+        for rid in list(self.replicas):
+            self._discard(rid)
         ray.kill(self.router)
-        for pg in self.groups:
-            remove_placement_group(pg)

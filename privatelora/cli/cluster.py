@@ -24,4 +24,7 @@ def cmd_demo(args) -> dict:
 
 def cmd_serve(args) -> dict:
     from privatelora.actors.commands import serve
-    return serve(args, split_config(args))
+    if not args.json:
+        return serve(args, split_config(args))
+    with stdout_kept_for_json() as out:          # events as JSON lines, Ray's own chatter to stderr
+        return serve(args, split_config(args), out=out)

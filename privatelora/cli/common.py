@@ -106,13 +106,16 @@ def decode(backbone, ids) -> str | None:
 @contextlib.contextmanager
 def stdout_kept_for_json():
     """While Ray runs, send file descriptor 1 to stderr: Ray's own warnings (e.g. about
-    worker start-up) may be printed on stdout, which ``--json`` keeps for one object."""
+    worker start-up, or a worker killed) may be printed on stdout, which ``--json`` keeps
+    for JSON. Yields a text stream on the real stdout, for JSON lines written meanwhile."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
+    real = os.fdopen(os.dup(saved), "w", buffering=1)
     try:
-        yield
+        yield real
     finally:
+        real.close()
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)

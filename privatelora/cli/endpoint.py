@@ -115,6 +115,15 @@ async def connect_client(host: str, port: int, args, link=None):
         raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
 
 
+def _sum_stats(conn) -> dict:
+    """Bytes over every connection a device used (front door, replicas, reconnects)."""
+    from privatelora.transport import ByteStats
+    total = ByteStats()
+    for c in conn.made:
+        total.merge(c.stats)
+    return total.as_dict()
+
+
 def cmd_edge(args) -> dict:
     from privatelora.api import load_device_backbone, load_user_adapter, resolve_config
     from privatelora.config import UsageError
@@ -141,21 +150,34 @@ def cmd_edge(args) -> dict:
                             seed=args.seed, stop_ids=stop)
 
     async def main():
-        client = await connect_client(host, port, args, link=link)
+        from privatelora.serving.remote import AddressConnector, Resume, ResumeFailed
+        from privatelora.transport import TLSRequiredError
+        conn = AddressConnector(host, port, ca=args.tls_ca, server_hostname=args.tls_server_name, link=link,
+                                timeout=args.timeout)
+        resume = Resume(attempts=args.resume_attempts) if args.resume_attempts else None
         try:
             t0 = time.perf_counter()
-            gen = await run_remote(client, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout,
-                                   draft=draft, draft_tokens=args.draft_tokens)
+            gen = await run_remote(conn, device, ids, params, dtype=args.wire_dtype, timeout=args.timeout,
+                                   draft=draft, draft_tokens=args.draft_tokens, resume=resume)
             dt = time.perf_counter() - t0
+        except TLSRequiredError as e:
+            raise UsageError(str(e))
         except RemoteError as e:
             raise UsageError(f"the cloud refused the session: {e}")
+        except ResumeFailed as e:
+            if not e.started:
+                raise UsageError(f"cannot connect to {host}:{port}: {e}")
+            raise UsageError(f"lost the cloud at {host}:{port} and could not resume: {e}")
+        except OSError as e:
+            raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
         except (ConnectionError, asyncio.TimeoutError) as e:
             raise UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
         finally:
-            await client.close()
+            stats = _sum_stats(conn)
+            await conn.close()
         if gen.error is not None:
             raise UsageError(f"the cloud answered {gen.error.code}: {gen.error.reason}")
-        return gen, dt, client.stats.as_dict()
+        return gen, dt, stats
 
     gen, dt, stats = asyncio.run(main())
     return {"tokens": gen.tokens, "text": decode(bb, gen.tokens), "finish_reason": gen.finish_reason,
@@ -216,6 +238,9 @@ def add_commands(sub, add_split_args, positive):
     e.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) to trust; required off loopback")
     e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
     e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
+    e.add_argument("--resume-attempts", type=positive, default=8,
+                   help="when the cloud loses the session (dropped connection, busy, replica gone), open a new "
+                   "one and replay the tokens held here, up to this many times (0: give up at once)")
     add_draft_args(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_edge, printer=print_edge)

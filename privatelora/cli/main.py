@@ -77,13 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo, printer=lambda _res: None)   # the demo prints as it goes
 
-    sv = sub.add_parser("serve", help="serve the shared backbone on a Ray cluster (pool of replicas + router)",
-                        description="Joins (--address auto|HOST:PORT) or starts a Ray cluster, runs N backbone "
-                        "replicas pinned to cloud nodes, each with its TCP endpoint, until Ctrl-C / SIGTERM.")
+    sv = sub.add_parser("serve", help="serve the shared backbone on a Ray cluster (replicas, router, front door)",
+                        description="Joins (--address auto|HOST:PORT) or starts a Ray cluster and runs backbone "
+                        "replicas pinned to cloud nodes until Ctrl-C / SIGTERM. Devices connect to one address, "
+                        "the front door on --port, which places each new session on the least loaded healthy "
+                        "replica (a redirect: the device then talks to that replica directly). A replica that dies "
+                        "or stops serving is taken out of the rotation and restarted; its devices resume their "
+                        "sessions elsewhere. With --max-replicas above --min-replicas the pool grows and shrinks "
+                        "with load.")
     add_split_args(sv, with_adapter=False)
     sv.add_argument("--address", default=None, help="auto, HOST:PORT, or omit to start a local cluster")
-    sv.add_argument("--replicas", type=positive, default=1)
-    sv.add_argument("--port", type=positive, default=7431, help="first replica's port (replica i: PORT+i; 0: any)")
+    sv.add_argument("--replicas", type=positive, default=None,
+                    help="replicas to start with (default: --min-replicas, or 1)")
+    sv.add_argument("--min-replicas", type=positive, default=None, help="fewest replicas the autoscaler keeps")
+    sv.add_argument("--max-replicas", type=positive, default=None,
+                    help="most replicas the autoscaler starts (above --min-replicas: autoscaling on)")
+    sv.add_argument("--scale-up-sessions", type=float, default=12.0,
+                    help="add a replica when open sessions per replica pass this ...")
+    sv.add_argument("--scale-up-queue-ms", type=float, default=250.0,
+                    help="... or when stage requests queue longer than this on average")
+    sv.add_argument("--scale-down-sessions", type=float, default=4.0,
+                    help="remove a replica when the sessions would stay under this per replica without it")
+    sv.add_argument("--scale-down-after", type=float, default=20.0, metavar="SECONDS",
+                    help="how long load must stay that low before a replica is removed")
+    sv.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS",
+                    help="a removed replica's sessions get this long to finish before they resume elsewhere")
+    sv.add_argument("--host", default=None,
+                    help="front door address (default: loopback on a one-machine cluster, else the node's IP)")
+    sv.add_argument("--port", type=positive, default=7431, help="the front door's TCP port (0: any free port)")
+    sv.add_argument("--replica-port", type=positive, default=0,
+                    help="replica i listens on PORT+i (default 0: any free port; devices learn it from the door)")
+    sv.add_argument("--door-cert-out", metavar="FILE",
+                    help="off loopback the front door speaks TLS with a fresh certificate: write it here for "
+                    "devices (--tls-ca FILE)")
     sv.add_argument("--max-sessions", type=positive, default=256, help="sessions holding KV caches per replica")
     sv.add_argument("--idle-timeout", type=float, default=120.0, help="seconds of silence before a session is reclaimed")
     sv.add_argument("--gather-ms", type=float, default=10.0,

@@ -101,6 +101,8 @@ class CloudEndpoint:
         self.errors: Counter = Counter()             # Error answers by code
         self.faults: Counter = Counter()             # internal failures survived, by where
         self.closed_sessions = 0
+        self.queue_s_total = 0.0                     # time stages' requests waited, summed (autoscaling)
+        self.draining = False                        # leaving: no new session (``drain``)
         # split training (privatelora.training): admitted and scheduled like serving (TRAIN)
         self.trainer = CloudTrainer(cloud) if training else None
 
@@ -133,6 +135,18 @@ class CloudEndpoint:
         if self._task is None or self._task.done():
             raise RuntimeError("stage loop is not running")
 
+    def drain(self, evict: bool = False) -> int:
+        """Take no new session from now on (``Open`` gets ``draining``); with ``evict``, also
+        end every open session with ``Error("draining")`` (its device resumes it elsewhere).
+        Returns how many sessions were ended."""
+        self.draining = True
+        if not evict:
+            return 0
+        sids = [sid for sid in self._dtype if sid not in self._closing]
+        for sid in sids:
+            self._refuse(sid, "draining", "this replica is leaving: open the session again elsewhere")
+        return len(sids)
+
     def set_policy(self, *, gather_s: float | None = None, merge: bool | None = None,
                    max_batch: int | None = None) -> None:
         """Change how stages are batched from now on (benchmarks compare policies on one
@@ -159,7 +173,8 @@ class CloudEndpoint:
                 "faults": dict(self.faults), "healthy": self.failure is None, "excused": sch.excused,
                 "fairness_picks": sch.stats.fairness_picks, "reclaimed": sch.stats.reclaimed,
                 "gather_waits": sch.stats.gather_waits, "batch_sizes": dict(sch.stats.sizes),
-                "closed_sessions": self.closed_sessions, "bytes": self.server.stats.as_dict()}
+                "closed_sessions": self.closed_sessions, "queue_s_total": self.queue_s_total,
+                "draining": self.draining, "bytes": self.server.stats.as_dict()}
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -208,6 +223,8 @@ class CloudEndpoint:
         self._wake.set()
 
     def _open(self, conn, msg: wire.Open, now: float) -> None:
+        if self.draining:
+            raise wire.WireError("draining", "this replica is leaving: open the session elsewhere")
         g = msg.geometry
         want = wire.session_geometry(self.cloud.exchange_ids, self.cloud.hidden, self.cloud.cfg, g.dtype, g.max_tokens)
         if g.layers != want.layers:
@@ -353,6 +370,7 @@ class CloudEndpoint:
                        for req in batch]
         dt = loop.time() - t0
         self.busy_s += dt
+        self.queue_s_total += queue_s
         self._event("stage", len(batch), self.scheduler.last_tokens, dt, queue_s)
         self._need_prepare = True
         for ans in answers:

@@ -53,11 +53,12 @@ class Resume:
 
 
 class ResumeFailed(ConnectionError):
-    """Every attempt to (re)open a session failed; ``last`` is the last failure."""
+    """Every attempt to (re)open a session failed; ``last`` is the last failure;
+    ``started``: whether any session had opened before (else the cloud was never reached)."""
 
-    def __init__(self, attempts: int, last: BaseException):
+    def __init__(self, attempts: int, last: BaseException, started: bool = True):
         super().__init__(f"gave up after {attempts} attempts to reach a replica: {type(last).__name__}: {last}")
-        self.attempts, self.last = attempts, last
+        self.attempts, self.last, self.started = attempts, last, started
 
 
 class _Lost(Exception):
@@ -109,6 +110,7 @@ class AddressConnector(Connector):
         self._ca, self._ctx, self._name = ca, ssl_context, server_hostname
         self._link, self._seed, self._timeout, self._compress = link, seed, timeout, compress
         self._clients: dict[tuple, Client] = {}
+        self.made: list[Client] = []          # every connection, for byte accounting
         self.redirects = 0
 
     async def client(self, host: str, port: int, cert: str = "") -> Client:
@@ -126,6 +128,7 @@ class AddressConnector(Connector):
                                      link=self._link, seed=self._seed, timeout=self._timeout,
                                      compress=self._compress)
             self._clients[key] = c
+            self.made.append(c)
         return c
 
     async def open(self, geometry, avoid=frozenset()):
@@ -221,7 +224,7 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
         except (RemoteError, ConnectionError, OSError, TimeoutError, asyncio.TimeoutError, _Lost) as e:
             if resume is None or not _resumable(e) or failures >= resume.attempts:
                 if resume is not None and failures and not isinstance(e, _Lost) and _resumable(e):
-                    raise ResumeFailed(failures + 1, e) from e
+                    raise ResumeFailed(failures + 1, e, started=gen is not None) from e
                 raise
             failures += 1
             lost_at = lost_at if lost_at is not None else time.monotonic()

@@ -37,6 +37,15 @@ class ByteStats:
             t.compressed += k.compressed
         return t
 
+    def merge(self, other: "ByteStats") -> "ByteStats":
+        """Add ``other``'s counts into this one (a device's bytes over several connections)."""
+        for d in (wire.UP, wire.DOWN):
+            for kind, kb in list(getattr(other, d).items()):
+                k = getattr(self, d).setdefault(kind, KindBytes())
+                k.frames, k.raw, k.wire = k.frames + kb.frames, k.raw + kb.raw, k.wire + kb.wire
+                k.compressed += kb.compressed
+        return self
+
     def as_dict(self) -> dict:
         return {d: {**{kind: asdict(k) for kind, k in sorted(getattr(self, d).items())},
                     "total": asdict(self.total(d))} for d in (wire.UP, wire.DOWN)}
