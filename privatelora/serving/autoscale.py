@@ -6,7 +6,8 @@ its inputs, so that every decision can be exported and explained. A replica is a
 when open sessions per replica pass ``up_sessions``, or the mean time a stage's requests
 waited passes ``up_queue_s``, for ``up_after_s``; one is removed when the sessions would
 still be under ``down_sessions`` per replica without it, for ``down_after_s``. After any
-change the autoscaler waits ``cooldown_s``. The pool never leaves ``[min, max]``.
+change the autoscaler waits ``cooldown_s`` before it starts judging load again. The pool
+never leaves ``[min, max]``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Autoscaler:
         self._hot_since = (self._hot_since if self._hot_since is not None else now) if hot else None
         self._cold_since = (self._cold_since if self._cold_since is not None else now) if cold else None
         if self._changed_at is not None and now - self._changed_at < p.cooldown_s:
+            self._hot_since = self._cold_since = None     # load is judged afresh once the change settles
             out["reason"] = "cooling down after a change"
             return out
         if hot and n < p.max_replicas and now - self._hot_since >= p.up_after_s:
