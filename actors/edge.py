@@ -146,7 +146,7 @@ class EdgeActor:
 
         from privatelora import wire
         from privatelora.model.sampling import SamplingParams
-        from privatelora.serving.remote import run_remote
+        from privatelora.serving.remote import Resume, run_remote
         conn = self._connector(link)
         await asyncio.sleep(max(0.0, start_at - time.time()))
 
@@ -154,7 +154,7 @@ class EdgeActor:
             times = []
             started = time.time()
             gen = await run_remote(conn, device, prompt, SamplingParams(max_new_tokens=new_tokens),
-                                   dtype=self.wire_dtype, timeout=120.0,
+                                   dtype=self.wire_dtype, timeout=120.0, resume=Resume(),
                                    observe=lambda m: times.append(time.time()) if isinstance(m, wire.Handoff)
                                    else None)
             return {"user": user, "started": started, "token_times": times, "tokens": len(gen.tokens),

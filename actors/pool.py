@@ -125,9 +125,11 @@ class Pool:
         if pg is not None:
             remove_placement_group(pg)
 
-    def autoscale(self, scaler, now: float | None = None, grace_s: float = 10.0) -> dict:
+    def autoscale(self, scaler, now: float | None = None, grace_s: float = 10.0, room_wait_s: float = 15.0) -> dict:
         """One autoscaler step: read every replica's status, decide, act, report the
-        decision to the router (metrics). ``scaler``: a ``serving.autoscale.Autoscaler``."""
+        decision to the router (metrics). ``scaler``: a ``serving.autoscale.Autoscaler``;
+        ``room_wait_s``: how long an added replica may wait for a cloud node with room
+        (then the step holds, and a later one tries again)."""
         now = time.monotonic() if now is None else now
         refs = {rid: r.status.remote() for rid, r in self.replicas.items()}
         status = {}
@@ -139,7 +141,7 @@ class Pool:
         decision = scaler.decide(now, status)
         if decision["action"] == "up":
             try:
-                decision["replica"] = self.add_replica()
+                decision["replica"] = self.add_replica(room_wait_s)
             except Exception as e:
                 decision.update(action="hold", replicas_after=decision["replicas_before"],
                                 reason=f"{decision['reason']}; no cloud node has room: {type(e).__name__}")

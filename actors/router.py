@@ -109,9 +109,6 @@ class Router:
         """The replica a new session should open on (its info: host, port, cert_pem, ...)."""
         return self._pick(set(avoid))
 
-    async def release(self, replica: int) -> None:
-        """Kept for callers that pair route/release; load now comes from the replicas' own reports."""
-
     # ---- watching ----------------------------------------------------------------------
     async def _watch(self) -> None:
         while True:

@@ -75,7 +75,6 @@ def main() -> None:
     from privatelora.serving.remote import AddressConnector, Resume, run_remote
 
     torch.set_num_threads(1)
-    rng = random.Random(args.seed)
     cfg = PrivateLoRAConfig()
     bb = load_backbone("tiny")
     eos = bb.tokenizer.eos_token_id
@@ -139,7 +138,7 @@ def main() -> None:
                 first[0] = False
                 last[0] = now
                 tokens[wi] += 1
-            rec = {"user": u, "k": k, "prompt": prompt, "params": params}
+            rec = {"user": u, "k": k, "prompt": prompt, "params": params, "t": time.time() - t0}
             try:
                 gen = await run_remote(conn, devices[u], prompt, params, timeout=30, on_tokens=on_tokens,
                                        resume=Resume(attempts=12))
@@ -156,7 +155,7 @@ def main() -> None:
 
     async def monitor():
         killed = False
-        next_sample = 0.0
+        next_sample, next_say = 0.0, 60.0
         while time.time() - t0 < duration + 5:
             el = time.time() - t0
             if el >= next_sample:
@@ -172,8 +171,9 @@ def main() -> None:
                 events.append({"event": "killed", "replica": victim, "pid": pid, "sessions": load[victim], "t": el})
                 say(f"SIGKILLed replica {victim} (pid {pid}) holding {load[victim]} sessions")
                 killed = True
-            if int(el) % 60 == 0:
+            if el >= next_say:
                 say(f"{sum(tokens)} tokens, {len(sessions)} sessions done")
+                next_say += 60.0
             await asyncio.sleep(1.0)
 
     async def run_all():
@@ -216,6 +216,8 @@ def main() -> None:
            "wall_s": round(wall, 1), "sessions": len(sessions), "sessions_lost": len(lost),
            "lost": [{k: v for k, v in s.items() if k in ("user", "k", "error")} for s in lost][:20],
            "sessions_resumed": len(resumed), "resumed_mismatched": mismatched,
+           "resumed": [{"user": s["user"], "k": s["k"], "resumes": s["resumes"], "started_s": round(s["t"], 2),
+                        "recovery_s": [round(r, 3) for r in s["recoveries"]]} for s in resumed],
            "recovery_s": {"n": len(rec_all), "p50": round(statistics.median(rec_all), 3) if rec_all else None,
                           "max": round(max(rec_all), 3) if rec_all else None},
            "tokens": sum(tokens), "itl_p50_ms_all": round(1000 * statistics.median([x for w in itl for x in w]), 2),

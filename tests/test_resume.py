@@ -239,6 +239,50 @@ def test_an_error_that_would_repeat_is_not_retried(tiny):
     assert asyncio.run(main()).code == "geometry_mismatch"
 
 
+def test_a_draining_replica_hands_its_sessions_over_through_the_front_door(tiny):
+    """Scale-down: a replica that drains refuses new sessions and ends its open ones with
+    ``draining``; their devices resume on the other replica, token-identical."""
+    fx = _Fixture(tiny)
+    params = [SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=30, temperature=0.7, seed=9)]
+
+    async def main():
+        async with CloudEndpoint(fx.cloud) as a, CloudEndpoint(build_split(cfg=fx.cfg, backbone=tiny).cloud) as b:
+            live = [a, b]
+
+            async def place():                     # the router's job: skip replicas that are draining
+                return (*next(ep for ep in live if not ep.draining).address, "")
+            door = await FrontDoor(place).start()
+            seen = [0]
+
+            def drain_a(_msg):
+                seen[0] += 1
+                if seen[0] == 15:
+                    assert a.drain(evict=True) == 2      # both sessions were on a
+            conns = [AddressConnector(*door.address) for _ in range(2)]
+            try:
+                gens = await asyncio.gather(
+                    run_remote(conns[0], fx.device(0), _prompt(0), params[0], observe=drain_a, resume=FAST),
+                    run_remote(conns[1], fx.device(1), _prompt(1), params[1], resume=FAST))
+                with pytest.raises(RemoteError) as refused:      # a draining replica takes no new session
+                    c = await Client.connect(*a.address)
+                    try:
+                        await c.open(wire.session_geometry(fx.cloud.exchange_ids, fx.cloud.hidden, fx.cfg))
+                    finally:
+                        await c.close()
+            finally:
+                for c in conns:
+                    await c.close()
+                await door.stop()
+            await asyncio.sleep(0.1)
+            return gens, refused.value, a.stats(), b.stats()
+
+    gens, refused, sa, sb = asyncio.run(main())
+    for u, g in enumerate(gens):
+        assert g.error is None and g.tokens == fx.want(u, params[u]) and g.resumes == 1, u
+    assert refused.code == "draining"
+    assert sa["errors"] == {"draining": 2} and sa["sessions"] == 0 and sb["closed_sessions"] == 2
+
+
 # ---------------------------------------------------------------- the front door
 def test_the_front_door_redirects_each_session_to_a_replica_and_measures_its_cost(tiny):
     fx = _Fixture(tiny)

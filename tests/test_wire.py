@@ -113,6 +113,20 @@ def test_small_messages_round_trip(s, code, reason, direction, conn):
 
 
 @SETTINGS
+@given(s=st.integers(1, 2**64 - 1), host=st.from_regex(r"[a-z0-9.:-]{1,255}", fullmatch=True),
+       port=st.integers(1, 65535), cert=st.text(max_size=300))
+def test_redirect_round_trips_down_only_and_refuses_bad_fields(s, host, port, cert):
+    msg = wire.Redirect(s, host, port, cert)
+    assert dec(wire.encode(msg, key=KEY, direction="down"), "down")[0] == msg
+    with pytest.raises(wire.WireError):                 # a device never redirects the cloud
+        wire.encode(msg, key=KEY, direction="up")
+    for bad in (wire.Redirect(s, "", port), wire.Redirect(s, "a b", port), wire.Redirect(s, host, 0),
+                wire.Redirect(s, host, 70000), wire.Redirect(s, host, port, "x" * 20000)):
+        with pytest.raises(wire.SchemaError):
+            wire.encode(bad, key=KEY, direction="down")
+
+
+@SETTINGS
 @given(data=st.data(), dtype=DT, direction=st.sampled_from(["up", "down"]))
 def test_handoff_round_trip(data, dtype, direction):
     g = data.draw(geometries())
@@ -394,7 +408,7 @@ msgpack_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(kind=st.sampled_from([1, 2, 3, 4, 5, 6, 7]), obj=msgpack_values, field=st.booleans())
+@given(kind=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), obj=msgpack_values, field=st.booleans())
 def test_fuzz_structured_bodies(kind, obj, field):
     k = wire.KINDS[kind]
     if field and k.fields:  # a well-formed field set with one arbitrary value

@@ -102,17 +102,13 @@ def parse_address(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def connect_client(host: str, port: int, args, link=None):
-    """A transport client for a device command (``--tls-ca``, ``--tls-server-name``,
-    ``--timeout``); connection and TLS failures become one-line usage errors."""
-    from privatelora.transport import Client, TLSRequiredError
-    try:
-        return await Client.connect(host, port, ca=args.tls_ca, link=link, timeout=args.timeout,
-                                    server_hostname=args.tls_server_name)
-    except TLSRequiredError as e:
-        raise UsageError(str(e))
-    except OSError as e:
-        raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
+def network_error(host: str, port: int, e: BaseException) -> UsageError:
+    """One line for a device command whose cloud failed: never reached, or lost."""
+    import socket
+    if isinstance(e, (ConnectionRefusedError, socket.gaierror)) or (isinstance(e, OSError) and
+                                                                    not isinstance(e, (ConnectionError, TimeoutError))):
+        return UsageError(f"cannot connect to {host}:{port}: {getattr(e, 'strerror', None) or e}")
+    return UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
 
 
 def _sum_stats(conn) -> dict:
@@ -168,10 +164,8 @@ def cmd_edge(args) -> dict:
             if not e.started:
                 raise UsageError(f"cannot connect to {host}:{port}: {e}")
             raise UsageError(f"lost the cloud at {host}:{port} and could not resume: {e}")
-        except OSError as e:
-            raise UsageError(f"cannot connect to {host}:{port}: {e.strerror or e}")
-        except (ConnectionError, asyncio.TimeoutError) as e:
-            raise UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
+        except OSError as e:          # ConnectionError and TimeoutError included
+            raise network_error(host, port, e)
         finally:
             stats = _sum_stats(conn)
             await conn.close()

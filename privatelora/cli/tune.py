@@ -93,31 +93,38 @@ def cmd_tune(args) -> dict:
 
 
 async def _tune_remote(args, part, cfg, tune):
-    from privatelora.cli.endpoint import connect_client, parse_address
+    from privatelora.cli.endpoint import network_error, parse_address
+    from privatelora.serving.remote import AddressConnector
     from privatelora.training.cloud import TrainingError
-    from privatelora.transport import RemoteError
+    from privatelora.transport import ByteStats, RemoteError, TLSRequiredError
     from privatelora.wire import session_geometry
 
     host, port = parse_address(args.connect)
-    client = await connect_client(host, port, args)
+    # a cloud endpoint, or the front door of a serve (the session opens where it redirects)
+    conn = AddressConnector(host, port, ca=args.tls_ca, server_hostname=args.tls_server_name, timeout=args.timeout)
     try:
         geometry = session_geometry(part.exchange_ids, part.model_config.hidden_size, cfg, "fp32",
                                     max_tokens=max(2048, args.batch * args.seq))
-        sess = await client.open(geometry)
+        sess = await conn.open(geometry)
         try:
             res = await tune(PrivateLoRAMethod(part, session=sess))
         finally:
-            if not client.closed:
+            if not sess.client.closed:
                 await sess.close()
+    except TLSRequiredError as e:
+        raise UsageError(str(e))
     except RemoteError as e:
         raise UsageError(f"the cloud refused the session: {e}")
     except TrainingError as e:
         raise UsageError(f"the cloud refused a training step: {e}")
-    except (ConnectionError, asyncio.TimeoutError) as e:
-        raise UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
+    except OSError as e:              # ConnectionError and TimeoutError included
+        raise network_error(host, port, e)
     finally:
-        await client.close()
-    return res, client.stats.as_dict()
+        stats = ByteStats()
+        for c in conn.made:
+            stats.merge(c.stats)
+        await conn.close()
+    return res, stats.as_dict()
 
 
 def print_tune(res) -> None:

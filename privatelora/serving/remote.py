@@ -227,7 +227,8 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
                     raise ResumeFailed(failures + 1, e, started=gen is not None) from e
                 raise
             failures += 1
-            lost_at = lost_at if lost_at is not None else time.monotonic()
+            if gen is not None and lost_at is None:    # a recovery is of a started generation only
+                lost_at = time.monotonic()
             if sess is not None:
                 avoid.add(conn.where(sess))
             await asyncio.sleep(resume.delay(failures))
