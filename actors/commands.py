@@ -151,7 +151,8 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
     backbone = load_backbone(model)
     cfg.adapted(backbone.n_layers)                     # a placement this model cannot take fails before Ray work
     pool = Pool(model, cfg, replicas=1, pin_cores=True)
-    say(f"backbone replica up on {pool.infos[0]['host']}:{pool.infos[0]['port']}; starting {users} edge actors")
+    replica = pool.infos[0]
+    say(f"backbone replica up on {replica['host']}:{replica['port']}; starting {users} edge actors")
     edges = [pool.edge(u, adapter_seed=1000 + u) for u in range(users)]
     ray.get([e.node_id.remote() for e in edges])
     say("edge actors up (each holds its user's private adapter); generating")
@@ -170,7 +171,7 @@ def demo(users: int = 4, max_new_tokens: int = 48, model: str = "tiny", rank: in
     pool.shutdown()
     ray.shutdown()
     mc = backbone.config
-    layers = len(pool.infos[0]["adapted_layers"])    # the naive split adapts the same layers
+    layers = len(replica["adapted_layers"])    # the naive split adapts the same layers
     tokens = sum(len(r["tokens"]) for r in results)
     cloud_tokens = sum(r["cloud_tokens"] for r in results)
     act = sum(r["activation_bytes"] for r in results)
