@@ -27,11 +27,11 @@ class RouterConnector(Connector):
         self._clients: dict[tuple, object] = {}     # (host, port) -> Client
         self._replica: dict[int, int] = {}          # id(client) -> replica id
         self._made: list = []                       # every connection, for byte accounting
-        self.last_replica = None
 
     async def open(self, geometry, avoid=frozenset()):
         from privatelora.transport import Client
         info = await self.router.route.remote(list(avoid))
+        self.last_place = info["replica"]
         key = (info["host"], info["port"])
         c = self._clients.get(key)
         if c is None or c.closed:
@@ -43,7 +43,6 @@ class RouterConnector(Connector):
             self._clients[key] = c
             self._made.append(c)
             self._replica[id(c)] = info["replica"]
-        self.last_replica = info["replica"]
         return await c.open(geometry)
 
     def where(self, session):
@@ -126,7 +125,7 @@ class EdgeActor:
         def wire(direction, kind="total", field="wire"):
             return after.get(direction, {}).get(kind, {}).get(field, 0) - \
                 before.get(direction, {}).get(kind, {}).get(field, 0)
-        return {"user": self.user, "replica": conn.last_replica, "tokens": gen.tokens,
+        return {"user": self.user, "replica": conn.last_place, "tokens": gen.tokens,
                 "text": self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else None,
                 "finish_reason": gen.finish_reason, "error": gen.error.code if gen.error else None,
                 "seconds": dt, "prompt_tokens": len(ids), "cloud_tokens": gen.device.comm.tokens,

@@ -169,28 +169,37 @@ class Pool:
             adapter_scale=adapter_scale, wire_dtype=wire_dtype, cores=self.edge_cores)
 
     def health(self, timeout_s: float = 10.0) -> list[dict]:
-        """Each replica's ``check_health``: ``{"replica", "ok", "reason"}``."""
+        """Each replica's ``check_health``: ``{"replica", "ok", "reason", "error"}`` (``error``:
+        the exception's type, e.g. ``ActorUnavailableError`` while Ray restarts the actor)."""
         refs = {rid: r.check_health.remote() for rid, r in self.replicas.items()}
         out = []
         for rid, ref in refs.items():
             try:
                 ray.get(ref, timeout=timeout_s)
-                out.append({"replica": rid, "ok": True, "reason": None})
+                out.append({"replica": rid, "ok": True, "reason": None, "error": None})
             except Exception as e:     # unhealthy (RuntimeError), dead or restarting (RayActorError), hung
                 cause = getattr(e, "cause", None) or e          # a RayTaskError wraps the actor's own error
-                out.append({"replica": rid, "ok": False, "reason": f"{type(cause).__name__}: {cause}"[:300]})
+                out.append({"replica": rid, "ok": False, "reason": f"{type(cause).__name__}: {cause}"[:300],
+                            "error": type(e).__name__})
         return out
 
     def heal(self, timeout_s: float = 120.0) -> list[int]:
         """Take every unhealthy replica out of the rotation, have Ray restart it (within
         ``max_restarts``; its devices resume their sessions elsewhere meanwhile), start its
-        endpoint again and put it back. Returns the replicas restarted."""
+        endpoint again and put it back; one Ray cannot restart is replaced by a new replica.
+        Returns the replicas restarted or replaced."""
         bad = [h for h in self.health() if not h["ok"]]
         for h in bad:
             i = h["replica"]
             r = self.replicas[i]
             ray.get(self.router.unregister.remote(i))
-            if NOT_STARTED not in h["reason"]:     # a process Ray already restarted only needs starting
+            if h["error"] == "ActorDiedError":     # dead for good (out of restarts): a new replica instead
+                self._discard(i)
+                self.add_replica(timeout_s)
+                continue
+            # alive but not serving (stage loop stopped, hung): have Ray restart it. A process Ray is
+            # restarting already (ActorUnavailableError), or restarted (not started), only needs starting.
+            if NOT_STARTED not in h["reason"] and h["error"] != "ActorUnavailableError":
                 ray.kill(r, no_restart=False)
             deadline = time.monotonic() + timeout_s
             while True:                # calls fail while the actor is down: retry until it is back
@@ -202,7 +211,7 @@ class Pool:
                         self.infos[i] = None
                         break
                     time.sleep(0.5)
-            if self.infos[i] is None:     # out of restarts (or its node is gone): a new replica instead
+            if self.infos[i] is None:     # it never came back (its node is gone for good): a new replica
                 self._discard(i)
                 self.add_replica(timeout_s)
                 continue

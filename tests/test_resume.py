@@ -4,6 +4,7 @@ exactly the tokens an uninterrupted run gives, equal to the monolithic model's. 
 front door's redirect and the bounds on retrying."""
 
 import asyncio
+import statistics
 import time
 
 import pytest
@@ -295,7 +296,7 @@ def test_the_front_door_redirects_each_session_to_a_replica_and_measures_its_cos
 
             async def place():
                 turn[0] += 1
-                if turn[0] > 4:
+                if turn[0] > 43:
                     raise NoReplica("all replicas are down")
                 return (*order[turn[0] % 2], "")
 
@@ -303,17 +304,18 @@ def test_the_front_door_redirects_each_session_to_a_replica_and_measures_its_cos
             try:
                 conn = AddressConnector(*door.address)
                 gens = [await run_remote(conn, fx.device(u), _prompt(u), params, resume=None) for u in range(2)]
-                # the cost: Open through the door + redirect + Open at the replica, against Open direct
+                # the cost, side by side: Open through the door (+ redirect + Open at the replica)
+                # against Open direct, connections kept as a device keeps them; medians of 40
                 g = wire.session_geometry(fx.cloud.exchange_ids, fx.cloud.hidden, fx.cfg)
-                t0 = time.perf_counter()
-                s = await conn.open(g)
-                via_door = time.perf_counter() - t0
-                await s.close()
                 direct_client = await Client.connect(*a.address)
-                t0 = time.perf_counter()
-                s = await direct_client.open(g)
-                direct = time.perf_counter() - t0
-                await s.close()
+                via, direct_t = [], []
+                for _ in range(40):
+                    for opener, out in ((conn, via), (direct_client, direct_t)):
+                        t0 = time.perf_counter()
+                        s = await opener.open(g)
+                        out.append(time.perf_counter() - t0)
+                        await s.close()
+                via_door, direct = statistics.median(via), statistics.median(direct_t)
                 await direct_client.close()
                 raw = await Client.connect(*door.address)     # a plain client sees the redirect itself
                 with pytest.raises(Redirected):
@@ -329,6 +331,6 @@ def test_the_front_door_redirects_each_session_to_a_replica_and_measures_its_cos
     gens, redirects, via_door, direct, busy, door, sa, sb = asyncio.run(main())
     for u, g in enumerate(gens):
         assert g.tokens == fx.want(u, params)
-    assert redirects == 3 and door["placed"] == 4 and busy.code == "busy"
+    assert redirects == 42 and door["placed"] == 43 and busy.code == "busy"
     assert sa["closed_sessions"] >= 1 and sb["closed_sessions"] >= 1     # both replicas took sessions
-    print(f"open via the front door {via_door * 1000:.2f} ms, direct {direct * 1000:.2f} ms")
+    print(f"open via the front door {via_door * 1000:.2f} ms, direct {direct * 1000:.2f} ms (medians of 40)")

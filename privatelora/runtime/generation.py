@@ -72,6 +72,11 @@ class Generation:
                             "accept_rate": self.accepted / self.proposed if self.proposed else None}
         return out
 
+    @property
+    def replaying(self) -> bool:
+        """True while a resumed session is still replaying the positions before its lost chain."""
+        return self._replay is not None
+
     def _send(self, msg):
         self.round_trips += 1
         return msg

@@ -71,8 +71,11 @@ class _Lost(Exception):
 
 class Connector:
     """Where a device opens its sessions. ``open(geometry, avoid)`` returns a new
-    ``transport.Session``; ``where(session)`` names the replica it is on, so that a retry
-    can ``avoid`` it; ``close()`` closes every connection the connector made."""
+    ``transport.Session``; ``where(session)`` names the replica it is on, and
+    ``last_place`` the one the last ``open`` tried, so that a retry can ``avoid`` it;
+    ``close()`` closes every connection the connector made."""
+
+    last_place = None
 
     async def open(self, geometry: wire.Geometry, avoid=frozenset()):
         raise NotImplementedError
@@ -132,11 +135,13 @@ class AddressConnector(Connector):
         return c
 
     async def open(self, geometry, avoid=frozenset()):
+        self.last_place = (self.host, self.port)
         c = await self.client(self.host, self.port)
         try:
             return await c.open(geometry, timeout=self._timeout)
         except Redirected as r:
             self.redirects += 1
+            self.last_place = (r.host, r.port)
             replica = await self.client(r.host, r.port, r.cert)
             try:
                 return await replica.open(geometry, timeout=self._timeout)
@@ -207,7 +212,7 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
                         raise _Lost(ans)
                     if observe is not None:
                         observe(ans)
-                    if lost_at is not None and isinstance(ans, wire.Handoff) and gen._replay is None:
+                    if lost_at is not None and isinstance(ans, wire.Handoff) and not gen.replaying:
                         gen.recoveries.append(time.monotonic() - lost_at)    # back where it was lost
                         lost_at = None
                     have = len(gen.tokens)
@@ -229,6 +234,7 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
             failures += 1
             if gen is not None and lost_at is None:    # a recovery is of a started generation only
                 lost_at = time.monotonic()
-            if sess is not None:
-                avoid.add(conn.where(sess))
+            place = conn.where(sess) if sess is not None else conn.last_place    # where it failed
+            if place is not None:
+                avoid.add(place)
             await asyncio.sleep(resume.delay(failures))
