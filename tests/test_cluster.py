@@ -113,5 +113,7 @@ def test_scale_up_lose_a_cloud_node_heal_and_scale_down_without_losing_a_session
         assert again["error"] is None and again["tokens"] == want[0] and again["resumes"] == 0
         decisions = ray.get(pool.router.snapshot.remote())["decisions"]
         assert [d["action"] for d in decisions] == ["up", "down"]
+        # the decisions, their inputs and the recoveries went to Ray's metrics (ray.util.metrics)
+        assert ray.get(pool.router.__ray_call__.remote(lambda router: router.metrics is not None))
     finally:
         pool.shutdown()
