@@ -12,7 +12,6 @@ connection per replica. Each user's data stays in its own session state.
 
 from __future__ import annotations
 
-import ssl
 import time
 
 from privatelora.serving.remote import Connector
@@ -23,43 +22,19 @@ class RouterConnector(Connector):
     replica; a retry avoids the replicas this generation already lost sessions on."""
 
     def __init__(self, router, link: str = "loopback", seed: int | None = None):
-        self.router, self.link, self.seed = router, link, seed
-        self._clients: dict[tuple, object] = {}     # (host, port) -> Client
-        self._replica: dict[int, int] = {}          # id(client) -> replica id
-        self._made: list = []                       # every connection, for byte accounting
+        super().__init__(link=link, seed=seed)
+        self.router = router
+        self._replica: dict[tuple, int] = {}       # (host, port) -> replica id
 
     async def open(self, geometry, avoid=frozenset()):
-        from privatelora.transport import Client
         info = await self.router.route.remote(list(avoid))
         self.last_place = info["replica"]
-        key = (info["host"], info["port"])
-        c = self._clients.get(key)
-        if c is None or c.closed:
-            ctx = None
-            if info.get("cert_pem"):      # pinned trust in the replica's certificate, no file written
-                ctx = ssl.create_default_context(cadata=info["cert_pem"])
-            c = await Client.connect(info["host"], info["port"], ssl_context=ctx,
-                                     server_hostname=info["host"] if ctx else None, link=self.link, seed=self.seed)
-            self._clients[key] = c
-            self._made.append(c)
-            self._replica[id(c)] = info["replica"]
+        self._replica[(info["host"], info["port"])] = info["replica"]
+        c = await self._connect_pinned(info["host"], info["port"], info.get("cert_pem") or "")
         return await c.open(geometry)
 
     def where(self, session):
-        return self._replica.get(id(session.client))
-
-    def stats(self) -> dict:
-        """Bytes on every connection this connector made, summed."""
-        from privatelora.transport import ByteStats
-        total = ByteStats()
-        for c in self._made:
-            total.merge(c.stats)
-        return total.as_dict()
-
-    async def close(self) -> None:
-        for c in self._clients.values():
-            await c.close()
-        self._clients.clear()
+        return self._replica.get(super().where(session))
 
 
 class EdgeActor:
@@ -113,12 +88,12 @@ class EdgeActor:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop_ids=(eos,) if eos is not None else ())
         conn = self._connector(link)
-        before = conn.stats()
+        before = conn.stats().as_dict()
         t0 = time.perf_counter()
         gen = await run_remote(conn, self.device, ids, params, dtype=self.wire_dtype, draft=self._draft(draft),
                                draft_tokens=draft_tokens, resume=Resume(attempts=resume_attempts))
         dt = time.perf_counter() - t0
-        after = conn.stats()
+        after = conn.stats().as_dict()
         if gen.recoveries:
             await self.router.note_recovery.remote(list(gen.recoveries))
 

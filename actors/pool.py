@@ -60,13 +60,13 @@ class Pool:
         self.infos: dict[int, dict] = {}
         self.door: dict | None = None
         self._next_id = 0
-        refs = [self._create() for _ in range(replicas)]
-        for rid, info in zip(list(self.replicas), ray.get(refs, timeout=timeout_s)):
+        created = [self._create() for _ in range(replicas)]
+        for (rid, _), info in zip(created, ray.get([ref for _, ref in created], timeout=timeout_s)):
             self.infos[rid] = info
         ray.get([self.router.register.remote(self.infos[r], self.replicas[r]) for r in self.replicas])
 
     def _create(self, timeout_s: float | None = None):
-        """A new replica in its own placement group; returns the ref of its ``start``."""
+        """A new replica in its own placement group; returns its id and the ref of its ``start``."""
         rid = self._next_id
         pg = placement_group([{"CPU": self.replica_cpus, CLOUD: 1}], strategy="STRICT_PACK")
         try:
@@ -83,7 +83,7 @@ class Pool:
             port=self.port + rid if self.port else 0, threads=max(1, int(self.replica_cpus)),
             cores=self.cloud_cores, metrics_port=self.metrics_port + rid if self.metrics_port else 0,
             **self._replica_kw)       # replica i: /metrics on METRICS_PORT+i
-        return self.replicas[rid].start.remote()
+        return rid, self.replicas[rid].start.remote()
 
     def listen(self, host: str | None = None, port: int = 0) -> dict:
         """Open the router's front door: one address where outside devices open sessions
@@ -94,8 +94,7 @@ class Pool:
     def add_replica(self, timeout_s: float = 60.0) -> int:
         """Start one more replica where a cloud node has room (``TimeoutError``-like Ray
         error if none has) and put it in the rotation. Returns its id."""
-        ref = self._create(timeout_s)
-        rid = self._next_id - 1
+        rid, ref = self._create(timeout_s)
         self.infos[rid] = ray.get(ref, timeout=self.timeout_s)
         ray.get(self.router.register.remote(self.infos[rid], self.replicas[rid]))
         return rid

@@ -111,15 +111,6 @@ def network_error(host: str, port: int, e: BaseException) -> UsageError:
     return UsageError(f"lost the cloud at {host}:{port}: {type(e).__name__} {e}")
 
 
-def _sum_stats(conn) -> dict:
-    """Bytes over every connection a device used (front door, replicas, reconnects)."""
-    from privatelora.transport import ByteStats
-    total = ByteStats()
-    for c in conn.made:
-        total.merge(c.stats)
-    return total.as_dict()
-
-
 def cmd_edge(args) -> dict:
     from privatelora.api import load_device_backbone, load_user_adapter, resolve_config
     from privatelora.config import UsageError
@@ -167,7 +158,7 @@ def cmd_edge(args) -> dict:
         except OSError as e:          # ConnectionError and TimeoutError included
             raise network_error(host, port, e)
         finally:
-            stats = _sum_stats(conn)
+            stats = conn.stats().as_dict()
             await conn.close()
         if gen.error is not None:
             raise UsageError(f"the cloud answered {gen.error.code}: {gen.error.reason}")

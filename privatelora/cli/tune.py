@@ -96,7 +96,7 @@ async def _tune_remote(args, part, cfg, tune):
     from privatelora.cli.endpoint import network_error, parse_address
     from privatelora.serving.remote import AddressConnector
     from privatelora.training.cloud import TrainingError
-    from privatelora.transport import ByteStats, RemoteError, TLSRequiredError
+    from privatelora.transport import RemoteError, TLSRequiredError
     from privatelora.wire import session_geometry
 
     host, port = parse_address(args.connect)
@@ -120,11 +120,9 @@ async def _tune_remote(args, part, cfg, tune):
     except OSError as e:              # ConnectionError and TimeoutError included
         raise network_error(host, port, e)
     finally:
-        stats = ByteStats()
-        for c in conn.made:
-            stats.merge(c.stats)
+        stats = conn.stats().as_dict()
         await conn.close()
-    return res, stats.as_dict()
+    return res, stats
 
 
 def print_tune(res) -> None:

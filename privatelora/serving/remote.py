@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from privatelora import wire
 from privatelora.model.sampling import SamplingParams
 from privatelora.runtime.generation import Generation
-from privatelora.transport import Client, Redirected, RemoteError
+from privatelora.transport import ByteStats, Client, Redirected, RemoteError
 
 # Error codes after which the same tokens can be served again by a new session. The others
 # (bad_position, geometry_mismatch, too_many_tokens, ...) would fail the same way again.
@@ -72,81 +72,37 @@ class _Lost(Exception):
 class Connector:
     """Where a device opens its sessions. ``open(geometry, avoid)`` returns a new
     ``transport.Session``; ``where(session)`` names the replica it is on, and
-    ``last_place`` the one the last ``open`` tried, so that a retry can ``avoid`` it;
-    ``close()`` closes every connection the connector made."""
+    ``last_place`` the one the last ``open`` tried, so that a retry can ``avoid`` it.
+    Connections are made on demand, one per address, and made again when they drop;
+    ``made`` keeps every one (``stats()`` sums their bytes); ``close()`` closes them."""
 
     last_place = None
+
+    def __init__(self, *, link=None, seed: int | None = None, timeout: float = 10.0, compress: str = "auto"):
+        self._link, self._seed, self._timeout, self._compress = link, seed, timeout, compress
+        self._clients: dict[tuple, Client] = {}
+        self.made: list[Client] = []
 
     async def open(self, geometry: wire.Geometry, avoid=frozenset()):
         raise NotImplementedError
 
-    def where(self, session):
-        return id(session.client)
-
-    async def close(self) -> None:
-        pass
-
-
-class ClientConnector(Connector):
-    """One connection, made elsewhere: sessions re-open on it while it lives."""
-
-    def __init__(self, client: Client):
-        self.client = client
-
-    async def open(self, geometry, avoid=frozenset()):
-        if self.client.closed:
-            raise ConnectionError("connection closed")
-        return await self.client.open(geometry)
-
-
-class AddressConnector(Connector):
-    """Sessions at ``host:port``: a ``cloud`` endpoint, a replica, or the front door of a
-    ``serve`` (which answers ``Open`` with the replica to use: the device follows it,
-    trusting the certificate the front door vouched for). Connections are made on demand,
-    kept per address, and made again when they drop. ``ssl_context`` (or ``ca``) is the
-    trust for ``host`` itself."""
-
-    def __init__(self, host: str, port: int, *, ca: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None, link=None, seed: int | None = None, timeout: float = 10.0,
-                 compress: str = "auto"):
-        self.host, self.port = host, port
-        self._ca, self._ctx, self._name = ca, ssl_context, server_hostname
-        self._link, self._seed, self._timeout, self._compress = link, seed, timeout, compress
-        self._clients: dict[tuple, Client] = {}
-        self.made: list[Client] = []          # every connection, for byte accounting
-        self.redirects = 0
-
-    async def client(self, host: str, port: int, cert: str = "") -> Client:
-        key = (host, port)
-        c = self._clients.get(key)
+    async def _connect(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                       server_hostname: str | None = None) -> Client:
+        """The live connection to ``host:port``, made now if there is none."""
+        c = self._clients.get((host, port))
         if c is None or c.closed:
-            if (host, port) == (self.host, self.port):
-                ctx, name = self._ctx, self._name
-                if ctx is None and self._ca:
-                    from privatelora.transport import client_ssl_context
-                    ctx = self._ctx = client_ssl_context(self._ca)
-            else:                 # a replica the front door sent us to: pin its certificate
-                ctx, name = (ssl.create_default_context(cadata=cert), host) if cert else (None, None)
-            c = await Client.connect(host, port, ssl_context=ctx, server_hostname=name if ctx else None,
+            c = await Client.connect(host, port, ssl_context=ssl_context,
+                                     server_hostname=server_hostname if ssl_context else None,
                                      link=self._link, seed=self._seed, timeout=self._timeout,
                                      compress=self._compress)
-            self._clients[key] = c
+            self._clients[(host, port)] = c
             self.made.append(c)
         return c
 
-    async def open(self, geometry, avoid=frozenset()):
-        self.last_place = (self.host, self.port)
-        c = await self.client(self.host, self.port)
-        try:
-            return await c.open(geometry, timeout=self._timeout)
-        except Redirected as r:
-            self.redirects += 1
-            self.last_place = (r.host, r.port)
-            replica = await self.client(r.host, r.port, r.cert)
-            try:
-                return await replica.open(geometry, timeout=self._timeout)
-            except Redirected:
-                raise RemoteError("protocol", f"{r.host}:{r.port} redirected again: a replica must not redirect")
+    async def _connect_pinned(self, host: str, port: int, cert: str = "") -> Client:
+        """A connection to a replica whose PEM certificate we were handed (none on loopback)."""
+        ctx = ssl.create_default_context(cadata=cert) if cert else None
+        return await self._connect(host, port, ctx, host)
 
     def where(self, session):
         for key, c in self._clients.items():
@@ -154,10 +110,69 @@ class AddressConnector(Connector):
                 return key
         return None
 
+    def stats(self) -> ByteStats:
+        """Bytes over every connection this connector made, summed."""
+        total = ByteStats()
+        for c in self.made:
+            total.merge(c.stats)
+        return total
+
     async def close(self) -> None:
         for c in self._clients.values():
             await c.close()
         self._clients.clear()
+
+
+class ClientConnector(Connector):
+    """One connection, made elsewhere: sessions re-open on it while it lives."""
+
+    def __init__(self, client: Client):
+        super().__init__()
+        self.client = client
+        self.made.append(client)
+
+    async def open(self, geometry, avoid=frozenset()):
+        if self.client.closed:
+            raise ConnectionError("connection closed")
+        return await self.client.open(geometry)
+
+    def where(self, session):
+        return id(session.client)
+
+    async def close(self) -> None:    # the connection is its maker's to close
+        pass
+
+
+class AddressConnector(Connector):
+    """Sessions at ``host:port``: a ``cloud`` endpoint, a replica, or the front door of a
+    ``serve`` (which answers ``Open`` with the replica to use: the device follows it,
+    trusting the certificate the front door vouched for). ``ssl_context`` (or ``ca``) is
+    the trust for ``host`` itself."""
+
+    def __init__(self, host: str, port: int, *, ca: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, link=None, seed: int | None = None, timeout: float = 10.0,
+                 compress: str = "auto"):
+        super().__init__(link=link, seed=seed, timeout=timeout, compress=compress)
+        self.host, self.port = host, port
+        self._ca, self._ctx, self._name = ca, ssl_context, server_hostname
+        self.redirects = 0
+
+    async def open(self, geometry, avoid=frozenset()):
+        self.last_place = (self.host, self.port)
+        if self._ctx is None and self._ca:
+            from privatelora.transport import client_ssl_context
+            self._ctx = client_ssl_context(self._ca)
+        c = await self._connect(self.host, self.port, self._ctx, self._name)
+        try:
+            return await c.open(geometry, timeout=self._timeout)
+        except Redirected as r:
+            self.redirects += 1
+            self.last_place = (r.host, r.port)
+            replica = await self._connect_pinned(r.host, r.port, r.cert)
+            try:
+                return await replica.open(geometry, timeout=self._timeout)
+            except Redirected:
+                raise RemoteError("protocol", f"{r.host}:{r.port} redirected again: a replica must not redirect")
 
 
 def _resumable(e: BaseException) -> bool:
