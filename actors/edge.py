@@ -82,8 +82,9 @@ class EdgeActor:
         the cloud loses is resumed on a healthy replica (up to ``resume_attempts`` times).
         ``link``: emulate a network between this device and the cloud (``transport/link.py``)."""
         from privatelora.model.sampling import SamplingParams
+        from privatelora.runtime.prompts import encode_prompt
         from privatelora.serving.remote import Resume, run_remote
-        ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = list(prompt) if isinstance(prompt, (list, tuple)) else encode_prompt(self.tokenizer, prompt)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop_ids=(eos,) if eos is not None else ())

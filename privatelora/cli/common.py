@@ -76,26 +76,66 @@ def split_config(args):
     return PrivateLoRAConfig(**kw)
 
 
+def add_prompt_args(p) -> None:
+    """The prompt flags of ``generate`` and ``edge``."""
+    p.add_argument("--prompt", help="prompt text, tokenized here as the checkpoint's tokenizer does it "
+                   "(tokenizer(TEXT): its own special tokens, e.g. a BOS where it adds one)")
+    p.add_argument("--prompt-ids", help="prompt as comma separated token ids instead of text")
+    p.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the tokenizer's own choice of special tokens around --prompt (default: "
+                   "the tokenizer decides, as transformers does)")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: render it with the checkpoint's chat template")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="with --chat: a Jinja chat template file to use instead of the checkpoint's")
+
+
+def read_chat_template(path) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the chat template {path}: {e.strerror or e}")
+
+
 def prompt_ids(backbone, args) -> list[int]:
+    from privatelora.runtime.prompts import PromptError, check_prompt, encode_chat, encode_prompt
+    chat = getattr(args, "chat", False)
+    if args.prompt is None and args.prompt_ids is None:
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS")
     if args.prompt_ids:
+        if chat or args.add_special_tokens is not None:
+            raise UsageError("--chat and --[no-]add-special-tokens apply to --prompt text, not --prompt-ids")
         try:
             ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise UsageError("--prompt-ids must be comma separated integers")
     else:
-        if backbone.tokenizer is None:
-            raise UsageError("this checkpoint has no tokenizer: give --prompt-ids")
-        ids = backbone.tokenizer.encode(args.prompt, add_special_tokens=False)
-        if getattr(backbone.tokenizer, "bos_token_id", None) is not None and not args.no_bos:
-            ids = [backbone.tokenizer.bos_token_id] + ids
-    if not ids:
-        raise UsageError("the prompt is empty")
-    vocab = backbone.model.config.vocab_size
-    if any(i < 0 or i >= vocab for i in ids):
-        raise UsageError(f"prompt token ids must be in [0, {vocab})")
-    limit = backbone.model.config.max_position_embeddings
-    if len(ids) + args.max_new_tokens > limit:
-        raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's {limit} positions")
+        if (getattr(args, "system", None) or getattr(args, "chat_template", None)) and not chat:
+            raise UsageError("--system and --chat-template go with --chat")
+        try:
+            if chat:
+                if args.add_special_tokens is not None:
+                    raise UsageError("with --chat the chat template places the special tokens: drop "
+                                     "--[no-]add-special-tokens")
+                messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                    [{"role": "user", "content": args.prompt}]
+                ids = encode_chat(backbone.tokenizer, messages, read_chat_template(args.chat_template))
+            else:
+                ids = encode_prompt(backbone.tokenizer, args.prompt, args.add_special_tokens)
+        except PromptError as e:
+            raise UsageError(f"{e} (or give --prompt-ids)" if backbone.tokenizer is None else str(e))
+    cfg = backbone.model.config
+    if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                         f"model's {cfg.max_position_embeddings} positions")
+    try:
+        check_prompt(ids, cfg.vocab_size, cfg.max_position_embeddings, args.max_new_tokens)
+    except PromptError as e:
+        raise UsageError(str(e))
     return ids
 
 

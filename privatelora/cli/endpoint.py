@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from privatelora.cli.common import (add_draft_args, add_endpoint_bounds, decode, draft_from_args,
+from privatelora.cli.common import (add_draft_args, add_endpoint_bounds, add_prompt_args, decode, draft_from_args,
                                     endpoint_bounds, prompt_ids, split_config)
 from privatelora.config import UsageError
 
@@ -122,7 +122,7 @@ def cmd_edge(args) -> dict:
 
     host, port = parse_address(args.connect)
     if args.prompt is None and args.prompt_ids is None:
-        raise UsageError("give --prompt TEXT or --prompt-ids IDS")
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS")     # before loading any model
     try:
         link = get_profile(args.link)
     except ValueError as e:
@@ -210,9 +210,7 @@ def add_commands(sub, add_split_args, positive):
                        "the decoder layers on the cloud at --connect; only low-rank activations cross.")
     add_split_args(e)
     e.add_argument("--connect", required=True, help="HOST:PORT of a cloud endpoint")
-    e.add_argument("--prompt")
-    e.add_argument("--prompt-ids")
-    e.add_argument("--no-bos", action="store_true")
+    add_prompt_args(e)
     e.add_argument("--max-new-tokens", type=positive, default=32)
     e.add_argument("--temperature", type=float, default=0.0)
     e.add_argument("--top-p", type=float, default=1.0)

@@ -20,7 +20,7 @@ def cmd_generate(args) -> dict:
     from privatelora.runtime.runner import InProcessRunner
 
     if args.prompt is None and args.prompt_ids is None:
-        raise UsageError("give --prompt TEXT or --prompt-ids IDS")
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS")     # before loading any model
     cfg = split_config(args)
     split = build_split(args.model, cfg, args.adapter)
     bb = split.backbone

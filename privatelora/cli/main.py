@@ -11,11 +11,13 @@ import argparse
 import json
 import sys
 
+from privatelora.cli import api as api_cli
 from privatelora.cli import bench as bench_cli
 from privatelora.cli import endpoint as endpoint_cli
 from privatelora.cli import tune as tune_cli
 from privatelora.cli.cluster import cmd_demo, cmd_serve
-from privatelora.cli.common import Parser, add_draft_args, add_endpoint_bounds, add_split_args, positive
+from privatelora.cli.common import (Parser, add_draft_args, add_endpoint_bounds, add_prompt_args, add_split_args,
+                                    positive)
 from privatelora.cli.generate import cmd_adapter_info, cmd_adapter_init, cmd_generate, print_generate
 from privatelora.config import PLACEMENT_HELP, PrivateLoRAError, UsageError
 
@@ -30,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "PrivateLoRA protocol and reports the bytes that would cross; monolithic runs the same "
                        "model with W + B M A merged (the reference).")
     add_split_args(g)
-    g.add_argument("--prompt", help="prompt text (tokenized on the device)")
-    g.add_argument("--prompt-ids", help="prompt as comma separated token ids instead of text")
-    g.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    add_prompt_args(g)
     g.add_argument("--max-new-tokens", type=positive, default=32)
     g.add_argument("--mode", choices=["split", "monolithic"], default="split")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     endpoint_cli.add_commands(sub, add_split_args, positive)     # `cloud` and `edge`
     bench_cli.add_commands(sub)                                   # `bench ...`
+    api_cli.add_commands(sub)                                     # `api`: the device's OpenAI-compatible API
     tune_cli.add_commands(sub, add_split_args, positive)         # `tune` and `bench tuning`
 
     d = sub.add_parser("demo", help="multi-user demo on the embedded tiny model",

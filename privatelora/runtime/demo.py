@@ -20,6 +20,7 @@ from privatelora.runtime.device import DevicePart
 from privatelora.runtime.draft import load_draft
 from privatelora.runtime.generation import Generation
 from privatelora.runtime.runner import InProcessRunner
+from privatelora.runtime.prompts import encode_prompt
 
 PROMPTS = [
     "ROMEO:\nBut soft, what light",
@@ -54,7 +55,7 @@ def run_inprocess_demo(users: int = 4, max_new_tokens: int = 48, model: str = "t
     for u in range(users):
         adapter = PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(1000 + u, scale=0.3)
         dev = DevicePart(bb, cfg, adapter)
-        ids = tok.encode(PROMPTS[u % len(PROMPTS)], add_special_tokens=False)
+        ids = encode_prompt(tok, PROMPTS[u % len(PROMPTS)])
         sampled = u % 2 == 1
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8 if sampled else 0.0,
                                 top_p=0.95, seed=u)

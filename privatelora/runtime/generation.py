@@ -77,6 +77,10 @@ class Generation:
         """True while a resumed session is still replaying the positions before its lost chain."""
         return self._replay is not None
 
+    def finish(self, reason: str = "stop") -> None:
+        """End the generation here (the application found a stop string in the text)."""
+        self.done, self.finish_reason = True, reason
+
     def _send(self, msg):
         self.round_trips += 1
         return msg

@@ -187,7 +187,7 @@ def _resumable(e: BaseException) -> bool:
 
 async def run_remote(target, part, prompt, params: SamplingParams | None = None, *,
                      dtype: str = "fp32", keep_logits: bool = False, timeout: float = 60.0,
-                     observe=None, draft=None, draft_tokens: int = 4, on_tokens=None,
+                     observe=None, draft=None, draft_tokens: int = 4, on_tokens=None, on_new=None,
                      resume: Resume | None = None) -> Generation:
     """Generate for one user through ``target`` (a ``Client`` or a ``Connector``); returns
     the finished ``Generation``.
@@ -195,7 +195,9 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
     ``observe(msg)``, if given, sees every message the cloud sent (benchmarks use it to
     tell prefill from decode traffic). ``draft``: speculative decoding drafted on the
     device (``runtime/draft.py``). ``on_tokens(n)``: called when the session has produced
-    ``n`` tokens in all (benchmarks time the arrivals). ``resume``: keep going when the
+    ``n`` tokens in all (benchmarks time the arrivals). ``on_new(gen, tokens)``: called
+    with the generation and its new tokens as they arrive (the HTTP API streams them);
+    ``gen.finish()`` there ends the generation. ``resume``: keep going when the
     cloud loses the session (module docstring); the generation's ``resumes`` and
     ``recoveries`` (seconds from each loss to the lost chain's answer) say what it cost."""
     params = params or SamplingParams()
@@ -232,8 +234,13 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
                         lost_at = None
                     have = len(gen.tokens)
                     msg = gen.on(ans)
-                    if on_tokens is not None and len(gen.tokens) > have:
-                        on_tokens(len(gen.tokens))
+                    if len(gen.tokens) > have:
+                        if on_tokens is not None:
+                            on_tokens(len(gen.tokens))
+                        if on_new is not None:
+                            on_new(gen, gen.tokens[have:])
+                            if gen.done:        # the caller finished it (``Generation.finish``)
+                                msg = None
             finally:
                 if not sess.client.closed:
                     try:
