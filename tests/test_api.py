@@ -9,6 +9,7 @@ whole split in process: stop strings, seeds, n, several prompts, echo, usage, th
 and the context limit."""
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -219,6 +220,43 @@ def test_context_limit_and_token_prompts(local):
     ids = generate("--prompt", PROMPT, "--max-new-tokens", 1)["prompt_tokens"]
     r = c.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == 4 and ids > 0
+
+
+def test_a_client_that_goes_away_ends_its_session(local):
+    import time
+    req = urllib.request.Request(local + "/v1/completions", method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Bearer s3cret"}, data=json.dumps(
+        {"model": "alice", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        first = r.readline()
+        assert first.startswith(b"data: {")
+        assert raw(local, "/health")[1]["active"] == 1
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        health = raw(local, "/health")[1]
+        if health["active"] == 0 and health["cloud_sessions"] == 0:
+            break
+        time.sleep(0.1)
+    assert (health["active"], health["cloud_sessions"]) == (0, 0), health
+
+
+def test_an_unreachable_cloud_is_a_503():
+    with socket.socket() as s:            # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api, url = _start_api("--connect", f"127.0.0.1:{port}", "--resume-attempts", 0)
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["code"] == "cloud_unavailable"
+        assert str(port) in e.value.body["message"]
+        # streamed, the answer has begun (200) when the cloud fails: an error event, which the client raises
+        stream = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True)
+        with pytest.raises(openai.APIError) as e:
+            list(stream)
+        assert "cannot reach the cloud" in str(e.value)
+    finally:
+        assert api.stop()["rc"] == 0
 
 
 def test_bad_command_lines_are_one_line_errors(capsys, tmp_path):

@@ -123,6 +123,7 @@ class DeviceService:
         out = {"status": "ok", "cloud": self.cloud_address, "models": list(self.parts),
                "active": self.active, "served": self.served}
         if self.endpoint is not None:
+            out["cloud_sessions"] = self.endpoint.stats()["sessions"]
             try:
                 self.endpoint.check_health()
             except RuntimeError as e:

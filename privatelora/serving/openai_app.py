@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from privatelora.runtime.prompts import PromptError
 from privatelora.serving.device_service import CloudFailed, DeviceService, ModelNotFound, Request
 
+log = logging.getLogger(__name__)
 MAX_STOP = 4          # as OpenAI
 MAX_CHOICES = 16      # n x prompts in one request: each is one cloud session
 
@@ -107,6 +109,14 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _stream_error(e: Exception) -> APIError:
+    if isinstance(e, CloudFailed):
+        return APIError(503, str(e), "server_error", code=e.code)
+    if isinstance(e, PromptError):
+        return APIError(400, str(e))
+    return APIError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
+
+
 def create_app(service: DeviceService, *, api_key: str | None = None, manage: bool = True) -> FastAPI:
     """The app serving ``service``. With ``manage``, the app starts and stops the service
     with its own lifespan (the CLI); tests that start it themselves pass False."""
@@ -147,6 +157,12 @@ def create_app(service: DeviceService, *, api_key: str | None = None, manage: bo
         if first.get("type") == "json_invalid" or not loc:
             return error_response(APIError(400, f"the request body is not valid JSON for this endpoint: {msg}"))
         return error_response(APIError(400, f"{'.'.join(loc)}: {msg}", param=loc[0]))
+
+    @app.exception_handler(Exception)
+    async def on_bug(_request, e: Exception):
+        log.exception("request failed")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error",
+                                       code="internal_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request, e: StarletteHTTPException):
@@ -199,12 +215,16 @@ def create_app(service: DeviceService, *, api_key: str | None = None, manage: bo
         return out
 
     async def _run_all(reqs: list[Request]):
+        """Every choice at once; the first failure cancels the others (no session outlives it)."""
         try:
-            return await asyncio.gather(*(service.generate(r) for r in reqs))
-        except CloudFailed as e:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(service.generate(r)) for r in reqs]
+        except* CloudFailed as eg:
+            e = eg.exceptions[0]
             raise APIError(503, str(e), "server_error", code=e.code)
-        except PromptError as e:
-            raise APIError(400, str(e))
+        except* PromptError as eg:
+            raise APIError(400, str(eg.exceptions[0]))
+        return [t.result() for t in tasks]
 
     def _stream(reqs: list[Request], make_chunk, first_chunk, include_usage: bool, prompt_tokens: int):
         """Server-sent events: every choice's text as it comes, then [DONE]."""
@@ -214,7 +234,11 @@ def create_app(service: DeviceService, *, api_key: str | None = None, manage: bo
             try:
                 c = await service.generate(r, on_text=lambda piece: queue.put_nowait((i, piece, None)))
                 queue.put_nowait((i, None, c))
-            except (CloudFailed, PromptError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported to the client as an error event
+                if not isinstance(e, (CloudFailed, PromptError)):
+                    log.exception("streamed generation failed")
                 queue.put_nowait((i, None, e))
 
         async def events():
@@ -231,9 +255,7 @@ def create_app(service: DeviceService, *, api_key: str | None = None, manage: bo
                         continue
                     done += 1
                     if isinstance(end, Exception):
-                        status, type_ = (503, "server_error") if isinstance(end, CloudFailed) else (400,
-                                                                                                   "invalid_request_error")
-                        yield _sse(APIError(status, str(end), type_, code=getattr(end, "code", None)).body())
+                        yield _sse(_stream_error(end).body())
                         continue
                     results.append(end)
                     yield _sse(make_chunk(i, None, end.finish_reason))
