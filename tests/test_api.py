@@ -259,6 +259,20 @@ def test_an_unreachable_cloud_is_a_503():
         assert api.stop()["rc"] == 0
 
 
+def test_the_example_app_streams_a_chat(local):
+    import subprocess
+    import sys
+    from pathlib import Path
+    app = Path(__file__).resolve().parents[1] / "examples" / "chat_app.py"
+    run = subprocess.run([sys.executable, str(app), "--base-url", local + "/v1", "--api-key", "s3cret", "--model",
+                          "alice", "--max-tokens", "12", "Who goes there?"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "models on this device: tiny, alice" in run.stderr
+    want = client(local, "s3cret").chat.completions.create(
+        model="alice", messages=[{"role": "user", "content": "Who goes there?"}], max_tokens=12, temperature=0)
+    assert run.stdout == want.choices[0].message.content + "\n"
+
+
 def test_bad_command_lines_are_one_line_errors(capsys, tmp_path):
     assert main(["api", "--adapter", "alice"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
