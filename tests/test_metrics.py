@@ -216,3 +216,188 @@ def test_instrument_refuses_a_second_subscriber_and_metrics_import_no_ray():
     r = subprocess.run([sys.executable, "-c", "import sys, privatelora.serving.metrics; print('ray' in sys.modules)"],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
+
+
+# ---- every known label value at 0, and the sources' codes are all known ---------------------
+def test_a_fresh_endpoint_exports_every_known_reason_at_0():
+    from privatelora.serving.metrics import KNOWN
+    ep = CloudEndpoint(build_split(cfg=PrivateLoRAConfig(rank=8), backbone=load_backbone("tiny")).cloud)
+    m = instrument(ep)
+    assert set(KNOWN) == {"privatelora_frames_refused", "privatelora_disconnects", "privatelora_errors",
+                          "privatelora_sessions_closed", "privatelora_faults"}
+    for family, (label, values) in KNOWN.items():
+        assert len(values) == len(set(values)) >= 6, family
+        for value in values:
+            assert m.registry.get_sample_value(f"{family}_total", {label: value}) == 0, (family, value)
+    # ... and a reason outside the known list still counts (appears with its first event)
+    ep.server.refusals["something_new"] += 2
+    assert m.registry.get_sample_value("privatelora_frames_refused_total", {"reason": "something_new"}) == 2
+
+
+def test_the_known_reasons_cover_every_code_the_sources_count():
+    """Scan the sources for the codes each counter can be given: a new code must be added to
+    serving.metrics' lists (or it would appear only with its first event)."""
+    import re
+    from pathlib import Path
+
+    from privatelora.serving import metrics as mm
+    root = Path(mm.__file__).resolve().parents[1]
+
+    def codes(path, *patterns):
+        text = (root / path).read_text()
+        found = [c for p in patterns for c in re.findall(p, text)]
+        return {c for f in found for c in ((f,) if isinstance(f, str) else f)}
+    raised = r'(?:Error|err|\bg)\(\s*(?:[\w.]+,\s*)?"([a-z0-9_]+)"'
+    wire_codes = set().union(*(codes(f"wire/{f.name}", raised) for f in (root / "wire").glob("*.py")))
+    server = codes("transport/server.py", raised, r'"(\w+)" if s in self._owner else "(\w+)"')
+    stream_ends = codes("transport/streams.py", r'return "([a-z_]+)"') - {"eof"}
+    fatal = set(re.search(r"_FATAL = frozenset\(\{(.*?)\}\)", (root / "transport/server.py").read_text())
+                .group(1).replace('"', "").replace(" ", "").split(","))
+    declines = codes("serving/endpoint.py", r'raise wire\.WireError\("([a-z_]+)"') | codes(
+        "serving/frontdoor.py", raised) | {"rejected"}
+    refusals = wire_codes | (server - {"handler_error"}) | stream_ends | declines
+    disconnects = codes("transport/server.py", r'abort\("([a-z_]+)"\)', r'disconnects\["([a-z_]+)"\]',
+                        r'fatal or "([a-z_]+)"') | fatal | stream_ends
+    errors = codes("serving/endpoint.py", r'_refuse\([\w.]+, "([a-z_]+)"', r'wire\.Error\([\w.]+, "([a-z_]+)"') | \
+        codes("runtime/cloud.py", raised) | codes("training/cloud.py", raised)
+    faults = codes("serving/endpoint.py", r'faults\["([a-z_]+)"\]')
+    assert len(refusals) > 35 and len(disconnects) > 10 and len(errors) > 12 and len(faults) == 6
+    assert refusals <= set(mm.REFUSAL_REASONS), refusals - set(mm.REFUSAL_REASONS)
+    assert disconnects <= set(mm.DISCONNECT_REASONS), disconnects - set(mm.DISCONNECT_REASONS)
+    assert errors <= set(mm.ERROR_REASONS), errors - set(mm.ERROR_REASONS)
+    assert faults == set(mm.FAULT_REASONS)
+    assert set(mm.CLOSE_REASONS) == {"closed"} | set(mm.ERROR_REASONS)
+
+
+# ---- the same metrics through Ray (a stand-in for ray.util.metrics) -------------------------
+class _FakeRay:
+    """ray.util.metrics' three classes, recording what they are given (Ray's own checks:
+    Counter.inc takes only positive values, Histogram boundaries must be > 0)."""
+
+    def __init__(self, fail: str | None = None):
+        self.made, self.points, self.fail = {}, [], fail
+        fake = self
+
+        class Metric:
+            def __init__(self, name, description="", tag_keys=None, boundaries=None):
+                assert name not in fake.made and isinstance(tag_keys, tuple)
+                if boundaries is not None:
+                    assert all(b > 0 for b in boundaries)
+                self.name, self.tag_keys, self.boundaries = name, tag_keys, boundaries
+                fake.made[name] = self
+
+            def _record(self, value, tags=None):
+                assert set(tags) == set(self.tag_keys), (self.name, tags)
+                if fake.fail == self.name:
+                    raise RuntimeError("the metrics agent is gone")
+                fake.points.append((type(self).__name__, self.name, value, tuple(sorted(tags.items()))))
+
+        class Counter(Metric):
+            def inc(self, value=1.0, tags=None):
+                assert value > 0
+                self._record(value, tags)
+
+        class Gauge(Metric):
+            def set(self, value, tags=None):
+                self._record(value, tags)
+
+        class Histogram(Metric):
+            def observe(self, value, tags=None):
+                self._record(value, tags)
+        self.Counter, self.Gauge, self.Histogram = Counter, Gauge, Histogram
+
+    def total(self, name, **labels):
+        want = {"replica": "3", **labels}
+        return sum(v for kind, n, v, tags in self.points if n == name and kind == "Counter" and dict(tags) == want)
+
+    def observations(self, name):
+        return [v for kind, n, v, _ in self.points if n == name and kind == "Histogram"]
+
+
+def test_ray_export_mirrors_the_registry_with_one_replica_tag(load):
+    from privatelora.serving.metrics import KNOWN, Metrics, RayExport
+    fake = _FakeRay()
+    m = Metrics()
+    ep = load["ep"]       # stopped, with its load's counts
+    m.watch(ep)
+    exp = RayExport(m, {"replica": 3}, module=fake)
+    # every counter series exists from the first sync, at 0 for every known reason
+    for family, (label, values) in KNOWN.items():
+        if family != "privatelora_sessions_closed":        # this registry's events saw no session
+            for value in values:
+                assert ("Counter", family, 0, (("reason", value), ("replica", "3"))) in fake.points, value
+    assert fake.total("privatelora_frames_refused", reason="bad_length") == 1
+    assert fake.total("privatelora_stages") == ep.cloud.stats.stages
+    assert fake.total("privatelora_wire_bytes", direction="up", kind="reply") == \
+        ep.server.stats.as_dict()["up"]["reply"]["wire"]
+    # events after: histograms get each real observation, counters their increase at the next sync
+    m.events.opened(1, 0.0)
+    m.events.hand_in(1, 5, True, 0.0)
+    m.events.hand_out(1, 0.25)
+    m.events.hand_out(1, 0.75)
+    m.events.closed(1, "idle_timeout", 1.0)
+    assert fake.observations("privatelora_time_to_first_token_seconds") == [0.25]
+    assert fake.observations("privatelora_inter_token_latency_seconds") == [0.5]
+    assert fake.observations("privatelora_e2e_request_latency_seconds") == [0.75]
+    exp.sync()
+    exp.sync()                # nothing new: no second increase
+    assert fake.total("privatelora_generation_tokens") == 2 and fake.total("privatelora_prompt_tokens") == 5
+    assert fake.total("privatelora_sessions_closed", reason="idle_timeout") == 1
+    gauges = {n: v for kind, n, v, _ in fake.points if kind == "Gauge"}
+    assert gauges["privatelora_replica_up"] == 0 and gauges["privatelora_sessions_open"] == 0
+    # names: Ray adds ray_ and (to counters) _total; tags: replica and the family's own labels only
+    for metric in fake.made.values():
+        assert metric.name.startswith("privatelora_") and not metric.name.endswith("_total")
+        assert set(metric.tag_keys) <= (LABELS - {"le"}) | {"replica"} and metric.tag_keys[0] == "replica"
+    assert fake.made["privatelora_stage_batch_size"].boundaries[0] == 1
+    assert fake.made["privatelora_accepted_tokens_per_verify"].boundaries[0] == 1     # Ray refuses a 0 bound
+    assert exp.failures == 0
+    exp.close()
+    assert m.events.ray is None
+
+
+def test_a_failing_ray_metric_never_reaches_the_endpoint(caplog):
+    from privatelora.serving.metrics import Metrics, RayExport
+    fake = _FakeRay(fail="privatelora_inter_token_latency_seconds")
+    m = Metrics()
+    exp = RayExport(m, {"replica": "3"}, module=fake)
+    m.events.hand_in(1, 3, True, 0.0)
+    for t in (0.1, 0.2, 0.3):
+        m.events.hand_out(1, t)         # the Ray twin of the ITL histogram fails each time
+    assert m.registry.get_sample_value("privatelora_inter_token_latency_seconds_count") == 2
+    assert m.registry.get_sample_value("privatelora_generation_tokens_total") == 3
+    assert exp.failures == 2 and fake.observations("privatelora_time_to_first_token_seconds") == [
+        pytest.approx(0.1)]
+    assert sum("privatelora_inter_token_latency_seconds" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_metrics_port_in_use_is_one_clear_error():
+    import socket
+
+    from privatelora.serving.metrics import DEFAULT_PORT, Metrics, MetricsPortError
+    from privatelora.cli.main import build_parser
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(MetricsPortError) as e:
+            Metrics().serve(port)
+    assert f"127.0.0.1:{port}" in str(e.value) and "--metrics-port 0" in str(e.value) and "\n" not in str(e.value)
+    parser = build_parser()
+    for cmd in (["cloud"], ["serve"]):       # on by default, on the documented port
+        args = parser.parse_args(cmd)
+        assert args.metrics_port == DEFAULT_PORT == 9431 and args.no_metrics is False
+        assert parser.parse_args([*cmd, "--no-metrics"]).no_metrics is True
+
+
+def test_cloud_with_its_metrics_port_taken_exits_with_one_line():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "privatelora.cli", "cloud", "--model", "tiny", "--port", "0",
+                            "--metrics-port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"privatelora: error: cannot serve /metrics on 127.0.0.1:{port}") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a cloud endpoint (no Ray; one ``CollectorRegistry`` per process).
+"""Prometheus metrics of a cloud endpoint (one ``CollectorRegistry`` per process; Ray optional).
 
 Names follow vLLM's conventions with our prefix (``vllm:num_requests_running`` becomes
 ``privatelora_sessions_running``; counters end in ``_total``, durations in ``_seconds``,
@@ -20,15 +20,30 @@ hand-in of a session carries its prompt (``privatelora_prompt_tokens_total``). L
 are measured at the cloud: time to first token runs from the prompt's arrival to the
 first hand-off sent back (device-side embedding/sampling and the network are outside it).
 
+Every labelled counter exports each label value it can take at 0 from the start
+(``KNOWN``: Prometheus practice, so ``rate()`` sees the first event and a panel has data
+on a fresh endpoint).
+
+On Ray, ``RayExport`` also sends the same metrics through Ray's own pipeline
+(``ray.util.metrics``: Ray's metrics agent serves them as ``ray_privatelora_*`` and
+Prometheus finds the agents through the discovery file Ray writes), tagged with one
+bounded ``replica`` tag (the replica's index). Histograms get every observation twice
+(the prometheus_client one and its Ray twin, as vLLM's ``RayPrometheusStatLogger`` does);
+counters and gauges are mirrored periodically (counters by their increase, gauges by
+their value). A Ray failure is logged and counted, never raised into serving.
+
 Privacy: no label carries a user or session identifier. Labels are ``direction``,
-``kind`` (frame kind), ``reason`` (refusal / error / close code) and, from service
-discovery, ``replica`` (an index). Session ids are used only as keys of the per-session
-timestamps, never exported.
+``kind`` (frame kind), ``reason`` (refusal / error / close code) and ``replica`` (an
+index: a target label from service discovery, or the Ray tag). Session ids are used only
+as keys of the per-session timestamps, never exported.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
 import socket
 import tempfile
@@ -39,6 +54,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from privatelora.serving.endpoint import EndpointEvents
+
+log = logging.getLogger(__name__)
+
+# `cloud` serves /metrics here by default; `serve`'s replica i on DEFAULT_PORT + i
+DEFAULT_PORT = 9431
 
 # vLLM's buckets where they fit; ours start lower: a loopback stage or round trip is ~0.1 ms
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -57,12 +77,46 @@ RT_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 17, 24, 33, 48, 65)
 # every label name any privatelora_* series may carry (tests check the registry against it)
 LABELS = frozenset({"direction", "kind", "reason", "le"})
 
+# ---- every label value, known up front (exported at 0 from the start) ------------------
+# The codes the sources raise; tests/test_metrics.py scans the sources for codes missing
+# here. A code not listed still counts: its series just appears with its first event.
+# The codec's refusals of a frame (docs/wire.md, "What the decoder refuses") ...
+WIRE_CODES = ("bad_type", "truncated", "bad_length", "too_large", "bad_version", "bad_header", "unknown_kind",
+              "bad_direction", "bad_session", "bad_compression", "malformed", "internal", "unknown_session",
+              "bad_mac", "no_key", "bad_fields", "bad_field", "bad_key", "bad_tensor", "non_finite", "not_float",
+              "private_tensor", "bad_geometry", "no_geometry", "bad_layer", "bad_count", "bad_shape", "bad_dtype",
+              "bad_lengths")
+# ... the transport's own (a frame for another connection's session, one in flight for a
+# session the cloud ended, a stream that stalls), and the codes a declined Open gets
+SERVER_REFUSALS = ("foreign_session", "session_in_use", "session_closed", "slow_frame", "idle")
+OPEN_DECLINES = ("draining", "geometry_mismatch", "too_many_sessions", "not_a_replica", "busy", "rejected")
+REFUSAL_REASONS = tuple(dict.fromkeys(WIRE_CODES + SERVER_REFUSALS + OPEN_DECLINES))
+# connections the transport closed for cause (privatelora.transport.server)
+DISCONNECT_REASONS = ("bad_version", "bad_header", "truncated", "too_large", "bad_length", "slow_frame", "idle",
+                      "garbage", "refused", "connection_error", "internal", "slow_reader", "send_timeout")
+# a request the cloud refuses ends its session alone (runtime.cloud, training.cloud)
+REQUEST_ERRORS = ("bad_request", "unknown_session", "duplicate", "out_of_order", "bad_position", "bad_shape",
+                  "too_many_tokens", "too_long", "not_finite", "bad_lengths")
+# Error answers the endpoint sends on a session (which then closes)
+ERROR_REASONS = ("busy", "draining", "idle_timeout", "silent_device", "stage_failed", "encode_failed") + REQUEST_ERRORS
+CLOSE_REASONS = ("closed",) + ERROR_REASONS
+FAULT_REASONS = ("stage", "loop", "events", "encode", "close", "train")
+# labelled family -> (its label, every value it is exported with from the start)
+KNOWN = {"privatelora_frames_refused": ("reason", REFUSAL_REASONS),
+         "privatelora_disconnects": ("reason", DISCONNECT_REASONS),
+         "privatelora_errors": ("reason", ERROR_REASONS),
+         "privatelora_sessions_closed": ("reason", CLOSE_REASONS),
+         "privatelora_faults": ("reason", FAULT_REASONS)}
+
 
 class MetricsEvents(EndpointEvents):
     """Histograms and counters fed by a ``CloudEndpoint``'s events (its event-loop thread)."""
 
     def __init__(self, registry: CollectorRegistry):
         r = registry
+        self.ray: "RayExport | None" = None         # RayExport: every observation goes to Ray too
+        self.histograms: dict[Histogram, tuple[str, str, tuple]] = {}     # -> (name, doc, buckets)
+        hist = self._histogram                      # every histogram known by name (RayExport)
         self.prompt_tokens = Counter("privatelora_prompt_tokens", "Prompt tokens handed in (first hand-off of each "
                                      "session)", registry=r)
         self.generation_tokens = Counter("privatelora_generation_tokens", "Tokens generated: one per hand-off sent "
@@ -71,32 +125,44 @@ class MetricsEvents(EndpointEvents):
         self.closed_sessions = Counter("privatelora_sessions_closed", "Sessions closed, by reason (closed by the "
                                        "device or its connection, idle_timeout, or the error code that ended it)",
                                        ["reason"], registry=r)
-        self.ttft = Histogram("privatelora_time_to_first_token_seconds", "From a prompt's arrival at the cloud to "
-                              "its first hand-off sent back", buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("privatelora_inter_token_latency_seconds", "Between two successive hand-offs of one "
-                             "session (one generated token)", buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("privatelora_e2e_request_latency_seconds", "From a prompt's arrival to the session's "
-                             "last hand-off, observed when the session closes", buckets=E2E_BUCKETS, registry=r)
-        self.rtt = Histogram("privatelora_device_round_trip_seconds", "From an Activations frame sent to the "
-                             "device's Reply received (network both ways plus the device's M a)",
-                             buckets=FAST_BUCKETS, registry=r)
-        self.batch = Histogram("privatelora_stage_batch_size", "Sessions in one batched backbone stage",
-                               buckets=BATCH_BUCKETS, registry=r)
-        self.stage_tokens = Histogram("privatelora_stage_tokens", "Tokens in one batched backbone stage (flat "
-                                      "token batch)", buckets=TOKEN_BUCKETS, registry=r)
-        self.stage_s = Histogram("privatelora_stage_duration_seconds", "Backbone compute time of one batched stage",
-                                 buckets=FAST_BUCKETS, registry=r)
-        self.queue_s = Histogram("privatelora_stage_queue_time_seconds", "Mean time a stage's items waited in the "
-                                 "scheduler (arrival to batch), one observation per stage", buckets=FAST_BUCKETS,
-                                 registry=r)
-        self.accepted = Histogram("privatelora_accepted_tokens_per_verify", "Drafted tokens the device accepted "
-                                  "in one speculative verify chain (read off its next hand-off's start)",
-                                  buckets=ACCEPT_BUCKETS, registry=r)
-        self.round_trips = Histogram("privatelora_round_trips_per_token", "Device round trips (adapted cloud "
-                                     "layers + 1) per token a chain generated", buckets=RT_BUCKETS, registry=r)
+        self.ttft = hist("privatelora_time_to_first_token_seconds", "From a prompt's arrival at the cloud to "
+                         "its first hand-off sent back", buckets=TTFT_BUCKETS, registry=r)
+        self.itl = hist("privatelora_inter_token_latency_seconds", "Between two successive hand-offs of one "
+                        "session (one generated token)", buckets=ITL_BUCKETS, registry=r)
+        self.e2e = hist("privatelora_e2e_request_latency_seconds", "From a prompt's arrival to the session's "
+                        "last hand-off, observed when the session closes", buckets=E2E_BUCKETS, registry=r)
+        self.rtt = hist("privatelora_device_round_trip_seconds", "From an Activations frame sent to the "
+                        "device's Reply received (network both ways plus the device's M a)",
+                        buckets=FAST_BUCKETS, registry=r)
+        self.batch = hist("privatelora_stage_batch_size", "Sessions in one batched backbone stage",
+                          buckets=BATCH_BUCKETS, registry=r)
+        self.stage_tokens = hist("privatelora_stage_tokens", "Tokens in one batched backbone stage (flat "
+                                 "token batch)", buckets=TOKEN_BUCKETS, registry=r)
+        self.stage_s = hist("privatelora_stage_duration_seconds", "Backbone compute time of one batched stage",
+                            buckets=FAST_BUCKETS, registry=r)
+        self.queue_s = hist("privatelora_stage_queue_time_seconds", "Mean time a stage's items waited in the "
+                            "scheduler (arrival to batch), one observation per stage", buckets=FAST_BUCKETS,
+                            registry=r)
+        self.accepted = hist("privatelora_accepted_tokens_per_verify", "Drafted tokens the device accepted "
+                             "in one speculative verify chain (read off its next hand-off's start)",
+                             buckets=ACCEPT_BUCKETS, registry=r)
+        self.round_trips = hist("privatelora_round_trips_per_token", "Device round trips (adapted cloud "
+                                "layers + 1) per token a chain generated", buckets=RT_BUCKETS, registry=r)
+        for reason in CLOSE_REASONS:                # every known reason, at 0 from the start
+            self.closed_sessions.labels(reason=reason)
         self._first_in: dict[int, float] = {}   # session -> its prompt's arrival
         self._last_out: dict[int, float] = {}   # session -> its last hand-off sent
         self._sent: dict[int, float] = {}       # session -> its outstanding Activations sent
+
+    def _histogram(self, name: str, doc: str, *, buckets: tuple, registry) -> Histogram:
+        h = Histogram(name, doc, buckets=buckets, registry=registry)
+        self.histograms[h] = (name, doc, buckets)
+        return h
+
+    def _observe(self, h: Histogram, value: float) -> None:
+        h.observe(value)
+        if self.ray is not None:
+            self.ray.observe(h, value)
 
     def opened(self, session, now):
         self.opened_sessions.inc()
@@ -108,16 +174,16 @@ class MetricsEvents(EndpointEvents):
 
     def chain(self, session, generated, drafted, accepted, round_trips, now):
         if drafted:
-            self.accepted.observe(accepted)
-        self.round_trips.observe(round_trips / generated)
+            self._observe(self.accepted, accepted)
+        self._observe(self.round_trips, round_trips / generated)
 
     def hand_out(self, session, now):
         self.generation_tokens.inc()
         last = self._last_out.get(session)
         if last is not None:
-            self.itl.observe(now - last)
+            self._observe(self.itl, now - last)
         elif session in self._first_in:
-            self.ttft.observe(now - self._first_in[session])
+            self._observe(self.ttft, now - self._first_in[session])
         self._last_out[session] = now
 
     def activations(self, session, layer, now):
@@ -126,19 +192,19 @@ class MetricsEvents(EndpointEvents):
     def reply(self, session, layer, now):
         t = self._sent.pop(session, None)
         if t is not None:
-            self.rtt.observe(now - t)
+            self._observe(self.rtt, now - t)
 
     def stage(self, sessions, tokens, seconds, queue_s):
-        self.batch.observe(sessions)
-        self.stage_tokens.observe(tokens)
-        self.stage_s.observe(seconds)
-        self.queue_s.observe(queue_s)
+        self._observe(self.batch, sessions)
+        self._observe(self.stage_tokens, tokens)
+        self._observe(self.stage_s, seconds)
+        self._observe(self.queue_s, queue_s)
 
     def closed(self, session, reason, now):
         t0, last = self._first_in.pop(session, None), self._last_out.pop(session, None)
         self._sent.pop(session, None)
         if t0 is not None and last is not None:
-            self.e2e.observe(last - t0)
+            self._observe(self.e2e, last - t0)
         self.closed_sessions.labels(reason=reason).inc()
 
 
@@ -180,7 +246,7 @@ class EndpointCollector(Collector):
         yield _gauge("privatelora_sessions_excused", "Sessions the cloud waits on mid-step that missed a stage's "
                      "gathering window (a silent device): no stage waits for them until they answer", s["excused"])
         yield _by("privatelora_faults", "Internal failures the endpoint survived, by where (stage, loop, events, "
-                  "encode, close, train)", "reason", s["faults"])
+                  "encode, close, train)", s["faults"])
         yield _gauge("privatelora_sessions_running", "Sessions holding a KV cache on the backbone", s["running"])
         yield _gauge("privatelora_sessions_waiting", "Sessions whose first hand-off waits for admission",
                      s["waiting"])
@@ -196,10 +262,10 @@ class EndpointCollector(Collector):
                        s["gather_waits"])
         yield _counter("privatelora_sessions_reclaimed", "Sessions closed for silence (KV cache reclaimed)",
                        s["reclaimed"])
-        yield _by("privatelora_frames_refused", "Incoming frames refused by the transport, by reason", "reason",
+        yield _by("privatelora_frames_refused", "Incoming frames refused by the transport, by reason",
                   s["refusals"])
-        yield _by("privatelora_disconnects", "Connections closed for cause, by reason", "reason", s["disconnects"])
-        yield _by("privatelora_errors", "Error answers sent on a session, by code", "reason", s["errors"])
+        yield _by("privatelora_disconnects", "Connections closed for cause, by reason", s["disconnects"])
+        yield _by("privatelora_errors", "Error answers sent on a session, by code", s["errors"])
         frames = CounterMetricFamily("privatelora_frames", "Frames, by direction (up: device to cloud) and kind",
                                      labels=["direction", "kind"])
         raw = CounterMetricFamily("privatelora_raw_bytes", "Tensor payload bytes (elements x wire dtype size, no "
@@ -229,11 +295,21 @@ def _counter(name, doc, value):
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _by(name, doc, label, counts: dict):
+def _by(name, doc, counts: dict):
+    """A counter by reason: every known reason (``KNOWN``) from the start, at 0 until it
+    happens, and any other reason once it does."""
+    label, known = KNOWN[name]
     m = CounterMetricFamily(name, doc, labels=[label])
-    for key, n in sorted(counts.items()):
-        m.add_metric([str(key)], n)
+    for key, n in sorted((dict.fromkeys(known, 0) | {str(k): v for k, v in counts.items()}).items()):
+        m.add_metric([key], n)
     return m
+
+
+class MetricsPortError(OSError):
+    """``/metrics`` cannot listen where it was asked to (the port is taken, say)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class Metrics:
@@ -244,30 +320,159 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.events = MetricsEvents(self.registry)
         self._httpd = None
+        self.address: tuple[str, int] | None = None       # where /metrics listens, once it does
 
     def watch(self, endpoint) -> "Metrics":
         self.registry.register(EndpointCollector(endpoint))
         return self
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
-        """Expose ``/metrics`` on ``host:port`` (port 0: any free port); returns the address."""
-        self._httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return host, self._httpd.server_port
+        """Expose ``/metrics`` on ``host:port`` (port 0: any free port); returns the address.
+        Raises ``MetricsPortError`` (one line, saying what to do) when it cannot listen."""
+        try:
+            self._httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise MetricsPortError(e.errno, f"cannot serve /metrics on {host}:{port}: {e.strerror or e}; pass --metrics"
+                                   "-port 0 (any free port), another --metrics-port, or --no-metrics") from None
+        self.address = (host, self._httpd.server_port)
+        return self.address
 
     def close(self) -> None:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+            self.address = None
 
 
-def instrument(endpoint, registry: CollectorRegistry | None = None) -> Metrics:
-    """Metrics for ``endpoint`` (a ``CloudEndpoint``): its events feed them from now on."""
+def instrument(endpoint, registry: CollectorRegistry | None = None, metrics: Metrics | None = None) -> Metrics:
+    """Metrics for ``endpoint`` (a ``CloudEndpoint``): its events feed them from now on.
+    ``metrics``: a ``Metrics`` made (and maybe serving) before the endpoint existed."""
     if type(endpoint.events) is not EndpointEvents:
         raise ValueError("this endpoint already has an events subscriber")
-    m = Metrics(registry)
+    m = metrics or Metrics(registry)
     endpoint.events = m.events
     return m.watch(endpoint)
+
+
+# ---- export through Ray's metrics pipeline --------------------------------------------
+class RayExport:
+    """The same metrics through ``ray.util.metrics``, for a process that runs inside Ray (a
+    ``BackboneReplica``). Ray's metrics agent on the node serves them, prefixed ``ray_``
+    (``ray_privatelora_generation_tokens_total``: a Ray counter gets ``_total``, so counters
+    are made under their family's name without it); Prometheus finds the agents through
+    the discovery file Ray writes (``prom_metrics_service_discovery.json``).
+
+    ``tags``: the one bounded tag every series carries (``{"replica": "0"}``), never a user
+    or session. Histograms: every real observation goes to the Ray twin as well
+    (``MetricsEvents.ray``); Ray's boundaries must be > 0, so a 0 bucket merges into the
+    next. Counters and gauges: ``sync`` mirrors the registry (counters by their increase
+    since the last sync, from 0 for every known label value; gauges by value). Ray drops a
+    gauge that is not set again within two report intervals, so ``run`` syncs every
+    ``period_s``. Every Ray call is guarded: a failure is logged (the first of each
+    metric) and counted in ``failures``, never raised.
+
+    ``module``: ``ray.util.metrics`` or a stand-in with the same three classes (tests)."""
+
+    def __init__(self, metrics: Metrics, tags: dict[str, str], module=None):
+        if module is None:
+            from ray.util import metrics as module
+        self.module, self.registry, self.tags = module, metrics.registry, {k: str(v) for k, v in tags.items()}
+        self.failures = 0
+        self._failed: set[str] = set()
+        self._counters: dict[str, object] = {}
+        self._gauges: dict[str, object] = {}
+        self._last: dict[tuple, float] = {}       # (family, labels) -> the total Ray has
+        self._hists: dict[Histogram, object] = {}
+        self._events = metrics.events
+        for h, (name, doc, buckets) in self._events.histograms.items():
+            twin = self._guard(name, lambda: module.Histogram(
+                name, doc, boundaries=[float(b) for b in buckets if 0 < b < math.inf], tag_keys=tuple(self.tags)))
+            if twin is not None:
+                self._hists[h] = twin
+        self._events.ray = self
+        self.sync()
+
+    def _guard(self, name: str, fn):
+        try:
+            return fn()
+        except Exception:
+            self.failures += 1
+            if name not in self._failed:
+                self._failed.add(name)
+                log.exception("Ray metric %s failed (serving goes on; later failures of it are only counted)", name)
+            return None
+
+    def observe(self, h: Histogram, value: float) -> None:
+        twin = self._hists.get(h)
+        if twin is not None:
+            self._guard(self._events.histograms[h][0], lambda: twin.observe(value, tags=self.tags))
+
+    def _metric(self, family, sample, kind: str):
+        made = self._counters if kind == "counter" else self._gauges
+        if family.name not in made:
+            cls = self.module.Counter if kind == "counter" else self.module.Gauge
+            made[family.name] = self._guard(family.name, lambda: cls(
+                family.name, family.documentation, tag_keys=tuple(self.tags) + tuple(sorted(sample.labels))))
+        return made[family.name]
+
+    def sync(self) -> None:
+        """Mirror every counter and gauge of the registry to Ray now."""
+        families = self._guard("registry", lambda: list(self.registry.collect()))
+        if families is None:
+            return
+        for family in families:
+            if family.type not in ("counter", "gauge"):
+                continue                  # histograms are fed observation by observation
+            for sample in family.samples:
+                if family.type == "counter" and not sample.name.endswith("_total"):
+                    continue              # prometheus_client's _created timestamps
+                metric = self._metric(family, sample, family.type)
+                if metric is None:
+                    continue
+                tags = {**self.tags, **sample.labels}
+                if family.type == "gauge":
+                    self._guard(family.name, lambda: metric.set(sample.value, tags=tags))
+                    continue
+                key = (family.name, tuple(sorted(sample.labels.items())))
+                last = self._last.get(key)
+                if last is None:          # a new series: present from now on, at 0 until it counts
+                    self._guard(family.name, lambda: _record_zero(metric, tags))
+                    last = 0.0
+                if sample.value > last and self._guard(family.name, lambda: metric.inc(sample.value - last, tags=tags)
+                                                       or True):
+                    last = sample.value   # (a failed increase is tried again at the next sync)
+                self._last[key] = last
+
+    async def run(self, period_s: float = 1.0) -> None:
+        """Sync every ``period_s`` until cancelled (then once more: the final values)."""
+        try:
+            while True:
+                await asyncio.sleep(period_s)
+                self.sync()
+        finally:
+            self.sync()
+
+    def close(self) -> None:
+        if self._events.ray is self:
+            self._events.ray = None
+
+
+def _record_zero(counter, tags: dict) -> None:
+    """A Ray counter series at 0: ``Counter.inc`` takes only positive values, but the
+    exporter (OpenTelemetry) takes a 0 and then exports the series from the start."""
+    record = getattr(counter, "_record", None)
+    if record is not None:
+        record(0, tags=tags)
+
+
+def ray_counter_at_zero(counter, tags: dict | None = None) -> None:
+    """``_record_zero`` for code that holds a ``ray.util.metrics.Counter`` itself (the
+    router); never raises."""
+    try:
+        _record_zero(counter, tags or {})
+    except Exception:
+        log.debug("could not export %r at 0", counter, exc_info=True)
 
 
 # ---- discovery ------------------------------------------------------------------------
