@@ -4,13 +4,22 @@ A plain class, made remote by ``actors.pool``. It loads the backbone (on the GPU
 gives it one), starts a ``CloudEndpoint`` inside the actor's own event loop and reports
 its address. Devices talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
 starts, places, watches and stops it.
+
+Metrics (``privatelora.serving.metrics``, docs/metrics.md): with ``metrics_port`` set (0:
+any free port) the replica serves its own ``/metrics`` on its endpoint's host; with
+``ray_metrics`` it also exports the same metrics through Ray's metrics agent
+(``ray_privatelora_*``, tagged ``replica``). Both off unless asked (``serve`` asks).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import tempfile
+
+log = logging.getLogger(__name__)
 
 
 NOT_STARTED = "is not started"    # check_health's reason for a fresh (or restarted) actor
@@ -20,7 +29,8 @@ class BackboneReplica:
     def __init__(self, replica_id: int, model: str, cfg: dict, *, max_sessions: int = 256,
                  idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
                  cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False,
-                 metrics_port: int = 0, endpoint_options: dict | None = None):
+                 metrics_port: int | None = None, ray_metrics: bool = False, ray_metrics_period_s: float = 1.0,
+                 endpoint_options: dict | None = None):
         import torch
 
         from privatelora.placement.checks import pin_to_cores
@@ -46,13 +56,32 @@ class BackboneReplica:
         self.record_frames = record_frames
         self.frames: list[bytes] = []     # audits only: every frame received, verbatim
         self.metrics_port, self.metrics, self.metrics_address = metrics_port, None, None
+        self.ray_metrics, self.ray_metrics_period_s = ray_metrics, ray_metrics_period_s
+        self.ray_export, self._ray_task = None, None
         self.endpoint_options = dict(endpoint_options or {})    # CloudEndpoint bounds (send timeout, caps)
 
     async def start(self) -> dict:
         if self.endpoint is not None:
             raise RuntimeError(f"replica {self.replica_id} is already started")
+        try:
+            await self._start()
+        except BaseException:     # a port in use, say: nothing of this start stays behind
+            self.endpoint = None
+            if self.tls_dir is not None:
+                shutil.rmtree(self.tls_dir, ignore_errors=True)
+                self.tls_dir = None
+            await self._stop_metrics()
+            raise
+        return self.info()
+
+    async def _start(self) -> None:
         from privatelora.serving.endpoint import CloudEndpoint
         from privatelora.transport import is_loopback, make_self_signed
+        if self.metrics_port is not None or self.ray_metrics:
+            from privatelora.serving.metrics import Metrics
+            self.metrics = Metrics()
+        if self.metrics_port is not None:    # first: a port in use fails the start before any other work
+            self.metrics_address = self.metrics.serve(self.metrics_port, self.host)      # MetricsPortError
         tls = {}
         if not is_loopback(self.host):
             # off loopback the stream must be encrypted: a fresh self-signed certificate,
@@ -67,12 +96,23 @@ class BackboneReplica:
                                       **self.endpoint_options, **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
-        if self.metrics_port:     # this replica's own /metrics (privatelora.serving.metrics), same host
+        if self.metrics is not None:   # this replica's own metrics (privatelora.serving.metrics)
             from privatelora.serving.metrics import instrument
-            self.metrics = instrument(self.endpoint)
-            self.metrics_address = self.metrics.serve(self.metrics_port, self.host)
+            instrument(self.endpoint, metrics=self.metrics)
+        if self.ray_metrics:
+            self._export_to_ray()
         await self.endpoint.start()
-        return self.info()
+
+    def _export_to_ray(self) -> None:
+        """The same metrics through Ray's pipeline, tagged with this replica's index; a
+        failure here is logged and the replica serves without it."""
+        from privatelora.serving.metrics import RayExport
+        try:
+            self.ray_export = RayExport(self.metrics, {"replica": str(self.replica_id)})
+            self._ray_task = asyncio.get_running_loop().create_task(self.ray_export.run(self.ray_metrics_period_s))
+        except Exception:
+            log.exception("replica %s: no metrics through Ray", self.replica_id)
+            self.ray_export = None
 
     async def recorded_frames(self, clear: bool = False) -> list[bytes]:
         out = list(self.frames)
@@ -85,7 +125,8 @@ class BackboneReplica:
         return {"replica": self.replica_id, "host": host, "port": port, "cert_pem": self.cert_pem,
                 "pid": os.getpid(), "layers": self.cloud.layer_ids, "adapted_layers": self.cloud.exchange_ids, "device": str(self.cloud.device),
                 "fingerprint": self.fingerprint,
-                "metrics": list(self.metrics_address) if self.metrics_address else None}
+                "metrics": list(self.metrics_address) if self.metrics_address else None,
+                "ray_metrics": self.ray_export is not None}
 
     async def set_policy(self, **policy) -> None:
         """``CloudEndpoint.set_policy``: gather_s, merge, max_batch."""
@@ -150,6 +191,17 @@ class BackboneReplica:
         if self.tls_dir is not None:      # the private key must not outlive the replica
             shutil.rmtree(self.tls_dir, ignore_errors=True)
             self.tls_dir = None
+        await self._stop_metrics()
+
+    async def _stop_metrics(self) -> None:
+        if self._ray_task is not None:    # its last sync exports the stopped state
+            self._ray_task.cancel()
+            await asyncio.gather(self._ray_task, return_exceptions=True)
+            self._ray_task = None
+        if self.ray_export is not None:
+            self.ray_export.close()
+            self.ray_export = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        self.metrics_address = None

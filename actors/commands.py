@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -19,16 +20,27 @@ from privatelora.placement.cluster import connect
 from privatelora.actors.pool import Pool
 
 
-def join_cluster(address):
-    """Join or start the Ray cluster; a clear usage error if it cannot serve (no cloud resource)."""
+def join_cluster(address, dashboard: bool = False):
+    """Join or start the Ray cluster; a clear usage error if it cannot serve (no cloud resource).
+    ``dashboard``: a cluster started here runs Ray's dashboard, which writes the Prometheus
+    discovery file of Ray's metrics agents (``prom_metrics_service_discovery.json``)."""
     try:
-        connect(address)
+        connect(address, dashboard=dashboard)
     except ConnectionError as e:
         raise UsageError(f"cannot reach the Ray cluster at {address!r}: {e}")
     cloud = ray.cluster_resources().get(CLOUD, 0)
     if cloud < 1:
         raise UsageError(f"no node of this Ray cluster has the {CLOUD!r} resource; start the cloud nodes with "
                          f"ray start ... --resources '{{\"{CLOUD}\": 8}}'")
+
+
+def _ray_discovery_file() -> str:
+    """Where Ray's head writes the Prometheus file_sd list of its metrics agents."""
+    try:
+        from ray._private.worker import _global_node
+        return os.path.join(_global_node.get_session_dir_path(), "prom_metrics_service_discovery.json")
+    except Exception:             # a private API: say where it is by default instead
+        return "/tmp/ray/prom_metrics_service_discovery.json (Ray's temp dir, on the head node)"
 
 
 def _replica_line(i: dict) -> dict:
@@ -57,16 +69,26 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
     """Run the pool until SIGINT/SIGTERM; with ``--json``, events go to ``out`` as JSON lines."""
     out = out or sys.stdout
     from privatelora.serving.autoscale import Autoscaler
-    metrics_port, sd_file = getattr(args, "metrics_port", 0), getattr(args, "metrics_sd_file", None)
-    if sd_file and not metrics_port:
-        raise UsageError("--metrics-sd-file needs --metrics-port")
+    from privatelora.serving.metrics import DEFAULT_PORT, MetricsPortError
+    metrics = not getattr(args, "no_metrics", False)       # on unless --no-metrics
+    metrics_port = getattr(args, "metrics_port", DEFAULT_PORT) if metrics else None
+    sd_file = getattr(args, "metrics_sd_file", None)
+    if sd_file and not metrics:
+        raise UsageError("--metrics-sd-file lists /metrics targets: it does not go with --no-metrics")
     replicas, policy = scaling(args)
-    join_cluster(args.address)
+    join_cluster(args.address, dashboard=metrics)
     started = time.time()
     bounds = endpoint_bounds(args)
-    pool = Pool(args.model, cfg, replicas=replicas, max_sessions=args.max_sessions, port=args.replica_port,
-                idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
-                endpoint_options=bounds)
+    try:
+        pool = Pool(args.model, cfg, replicas=replicas, max_sessions=args.max_sessions, port=args.replica_port,
+                    idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
+                    ray_metrics=metrics, endpoint_options=bounds)
+    except Exception as e:        # a replica could not start: one line when it is a metrics port
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, MetricsPortError):
+            ray.shutdown()
+            raise UsageError(f"{cause.strerror} (serve: replica i serves /metrics on --metrics-port + i)") from None
+        raise
     door = pool.listen(args.host, args.port)
     if door["cert_pem"] and args.door_cert_out:
         with open(args.door_cert_out, "w") as f:
@@ -93,6 +115,9 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
             if i["metrics"]:
                 print(f"[serve] replica {i['replica']} metrics on http://{i['metrics'][0]}:{i['metrics'][1]}/metrics",
                       file=sys.stderr, flush=True)
+        if metrics:
+            print(f"[serve] metrics also through Ray's metrics agent (ray_privatelora_*); Prometheus finds it in "
+                  f"{_ray_discovery_file()}", file=sys.stderr, flush=True)
         tls = " (TLS" + (f", certificate in {args.door_cert_out})" if args.door_cert_out else ")") if door["cert_pem"] else ""
         print(f"[serve] front door on {door['host']}:{door['port']}{tls}: privatelora edge --connect "
               f"{door['host']}:{door['port']} ...", file=sys.stderr, flush=True)

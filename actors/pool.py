@@ -3,6 +3,10 @@
 ``Pool`` starts N backbone replicas, each in a placement group of its own pinned to cloud
 nodes, plus a router, and creates edge actors pinned to edge nodes. It is what ``serve``,
 ``demo`` and the ``ray job submit`` example use.
+
+Metrics are off unless asked: ``metrics_port`` (an int; 0: any free port) has replica i
+serve ``/metrics`` on ``metrics_port + i``; ``ray_metrics`` exports them through Ray's
+metrics agent too. ``serve`` turns both on by default (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ class Pool:
     def __init__(self, model: str = "tiny", cfg: PrivateLoRAConfig | None = None, replicas: int = 1, *,
                  max_sessions: int = 256, idle_timeout_s: float = 120.0, port: int = 0, replica_cpus: float = 1,
                  host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
-                 gather_s: float = 0.01, record_frames: bool = False, metrics_port: int = 0,
-                 max_restarts: int = 3, endpoint_options: dict | None = None, watch_period_s: float = 0.5):
+                 gather_s: float = 0.01, record_frames: bool = False, metrics_port: int | None = None,
+                 ray_metrics: bool = False, max_restarts: int = 3, endpoint_options: dict | None = None,
+                 watch_period_s: float = 0.5):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.model = model
@@ -52,7 +57,8 @@ class Pool:
             num_cpus=0, resources={CLOUD: 0.001}, max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(watch_period_s=watch_period_s)
         self._replica_kw = dict(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, gather_s=gather_s,
-                                record_frames=record_frames, endpoint_options=endpoint_options)
+                                record_frames=record_frames, endpoint_options=endpoint_options,
+                                ray_metrics=ray_metrics)
         self.replica_cpus, self.max_restarts, self.host, self.timeout_s = replica_cpus, max_restarts, host, timeout_s
         self.port, self.metrics_port = port, metrics_port
         self.groups: dict[int, object] = {}
@@ -81,9 +87,14 @@ class Pool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
             rid, self.model, self.cfg.to_dict(), host=self.host or replica_host(),
             port=self.port + rid if self.port else 0, threads=max(1, int(self.replica_cpus)),
-            cores=self.cloud_cores, metrics_port=self.metrics_port + rid if self.metrics_port else 0,
-            **self._replica_kw)       # replica i: /metrics on METRICS_PORT+i
+            cores=self.cloud_cores, metrics_port=self._metrics_port(rid), **self._replica_kw)
         return rid, self.replicas[rid].start.remote()
+
+    def _metrics_port(self, rid: int) -> int | None:
+        """Replica ``rid``'s /metrics port: METRICS_PORT + rid (0: any free port; None: off)."""
+        if self.metrics_port is None:
+            return None
+        return self.metrics_port + rid if self.metrics_port else 0
 
     def listen(self, host: str | None = None, port: int = 0) -> dict:
         """Open the router's front door: one address where outside devices open sessions

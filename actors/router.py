@@ -12,7 +12,9 @@ connection to the replica that holds its KV cache, and moves only by being resum
 
 Metrics (Ray's own pipeline, ``ray.util.metrics``: exported with a ``ray_`` prefix):
 replicas by state, placements, device-reported resumes and their recovery times, and
-the autoscaler's decisions and inputs (``Pool.autoscale`` reports them here).
+the autoscaler's decisions and inputs (``Pool.autoscale`` reports them here). Counters
+are exported at 0 from the start (every action of the decisions); a failing metric is
+logged, never raised into routing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ class _Metrics:
         self.target = Gauge("privatelora_autoscaler_replicas", "replicas the autoscaler keeps")
         self.per_replica = Gauge("privatelora_autoscaler_sessions_per_replica", "open sessions per replica (input)")
         self.queue = Gauge("privatelora_autoscaler_queue_seconds", "mean stage queue time over the window (input)")
+        for counter, tags in ((self.placements, None), (self.resumes, None), *((self.decisions, {"action": a})
+                                                                              for a in ACTIONS)):
+            _at_zero(counter, tags)
+
+
+ACTIONS = ("up", "down", "hold")      # the autoscaler's decisions (serving.autoscale)
+
+
+def _at_zero(counter, tags=None) -> None:
+    """Export a Ray counter series at 0 before its first event (``Counter.inc`` refuses 0;
+    the recorder underneath takes it: see ``serving.metrics.RayExport``)."""
+    try:
+        counter._record(0, tags=tags)
+    except Exception:
+        log.debug("no zero series for %s", getattr(counter, "_name", counter), exc_info=True)
 
 
 class Router:
@@ -101,8 +118,7 @@ class Router:
         rid = min(pick_from, key=lambda r: (load[r], r))
         self.placed[rid] = self.placed.get(rid, 0) + 1
         self.placements += 1
-        if self.metrics is not None:
-            self.metrics.placements.inc()
+        self._metric(lambda m: m.placements.inc())
         return self.replicas[rid]
 
     async def route(self, avoid=()) -> dict:
@@ -145,36 +161,41 @@ class Router:
         self._export()
         return dict(self.healthy)
 
-    def _export(self) -> None:
+    def _metric(self, fn) -> None:
+        """Update Ray metrics with ``fn(self.metrics)``; a failure is logged, never raised."""
         if self.metrics is None:
             return
         try:
-            healthy = sum(1 for r in self.replicas if self.healthy.get(r) and r not in self.draining)
-            self.metrics.replicas.set(healthy, tags={"state": "healthy"})
-            self.metrics.replicas.set(sum(1 for r in self.replicas if not self.healthy.get(r)),
-                                      tags={"state": "unhealthy"})
-            self.metrics.replicas.set(len(self.draining & set(self.replicas)), tags={"state": "draining"})
+            fn(self.metrics)
         except Exception:
             log.exception("router metrics failed")
+
+    def _export(self) -> None:
+        def export(m):
+            healthy = sum(1 for r in self.replicas if self.healthy.get(r) and r not in self.draining)
+            m.replicas.set(healthy, tags={"state": "healthy"})
+            m.replicas.set(sum(1 for r in self.replicas if not self.healthy.get(r)), tags={"state": "unhealthy"})
+            m.replicas.set(len(self.draining & set(self.replicas)), tags={"state": "draining"})
+        self._metric(export)
 
     # ---- reports ----------------------------------------------------------------------
     async def note_recovery(self, seconds: list[float]) -> None:
         """A device resumed sessions; ``seconds``: time each took to be back (no user data)."""
         for s in seconds:
             self.recoveries.append(float(s))
-            if self.metrics is not None:
-                self.metrics.resumes.inc()
-                self.metrics.recovery.observe(float(s))
+            self._metric(lambda m: (m.resumes.inc(), m.recovery.observe(float(s))))
         del self.recoveries[:-10000]
 
     async def note_autoscale(self, decision: dict) -> None:
         self.decisions.append(decision)
         del self.decisions[:-1000]
-        if self.metrics is not None:
-            self.metrics.decisions.inc(tags={"action": decision["action"]})
-            self.metrics.target.set(decision["replicas_after"])
-            self.metrics.per_replica.set(decision["sessions_per_replica"])
-            self.metrics.queue.set(decision["queue_s"])
+
+        def export(m):
+            m.decisions.inc(tags={"action": decision["action"]})
+            m.target.set(decision["replicas_after"])
+            m.per_replica.set(decision["sessions_per_replica"])
+            m.queue.set(decision["queue_s"])
+        self._metric(export)
 
     # ---- the front door ------------------------------------------------------------------
     async def listen(self, host: str | None = None, port: int = 0) -> dict:

@@ -32,14 +32,18 @@ def _quiet_init(**kw):
     return ray.init(**kw)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, edge_slots: int = 1024):
-    """Join ``address`` ("auto", "HOST:PORT") or start a local one-node cluster (None/"local")."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, edge_slots: int = 1024,
+            dashboard: bool = False):
+    """Join ``address`` ("auto", "HOST:PORT") or start a local one-node cluster (None/"local").
+    ``dashboard``: the local cluster runs Ray's dashboard (127.0.0.1), whose head writes the
+    Prometheus discovery file of the metrics agents (``serve`` wants it for its metrics)."""
     import ray
     if ray.is_initialized():
         return
     if address in (None, "", "local"):
         # "local": always a fresh instance, even when `ray start` left one on this machine
-        _quiet_init(address="local", num_cpus=num_cpus or os.cpu_count(), resources={CLOUD: 64, EDGE: edge_slots})
+        _quiet_init(address="local", num_cpus=num_cpus or os.cpu_count(), resources={CLOUD: 64, EDGE: edge_slots},
+                    include_dashboard=dashboard)
     else:
         _quiet_init(address=address)
 
