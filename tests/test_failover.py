@@ -33,7 +33,8 @@ class _Serve:
 
     def __init__(self, *args):
         from privatelora.placement.cluster import auth_env
-        self.proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--json", *args], stdout=subprocess.PIPE,
+        # no metrics: the default /metrics ports belong to whatever else runs here (test_prometheus covers them)
+        self.proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--no-metrics", "--json", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True,
                                      env={**os.environ, **auth_env(), "RAY_ADDRESS": "local"})
         self.events: list[dict] = []

@@ -41,7 +41,7 @@ def test_two_processes_over_tcp_equal_in_process(tmp_path):
     path = tmp_path / "user.safetensors"
     save_adapter(adapter, path)
     cloud = subprocess.Popen([*CLI, "cloud", "--model", "tiny-qwen2", "--rank", "8", "--shared-a", "--port", "0",
-                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--no-metrics", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(cloud.stdout.readline())
         assert ready["event"] == "listening" and ready["fingerprint"] == bb.fingerprint

@@ -128,7 +128,8 @@ def test_tune_over_tcp_equals_tune_in_process(tmp_path):
     adapter as the in-process run (fp32 on the wire, same batches)."""
     common = ["--data", "sonnets", "--rank", "4", "--shared-a", "--steps", "2", "--batch", "2", "--seq", "24",
               "--eval-tokens", "48", "--json"]
-    cloud = subprocess.Popen([*CLI, "cloud", "--model", "tiny", "--rank", "4", "--shared-a", "--port", "0", "--json"],
+    cloud = subprocess.Popen([*CLI, "cloud", "--model", "tiny", "--rank", "4", "--shared-a", "--port", "0", "--no-metrics",
+                              "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = json.loads(cloud.stdout.readline())
