@@ -106,7 +106,7 @@ class BackboneReplica:
     def _export_to_ray(self) -> None:
         """The same metrics through Ray's pipeline, tagged with this replica's index; a
         failure here is logged and the replica serves without it."""
-        from privatelora.serving.metrics import RayExport
+        from privatelora.actors.ray_metrics import RayExport
         try:
             self.ray_export = RayExport(self.metrics, {"replica": str(self.replica_id)})
             self._ray_task = asyncio.get_running_loop().create_task(self.ray_export.run(self.ray_metrics_period_s))

@@ -103,6 +103,10 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
              "replicas": [_replica_line(i) for i in pool.infos.values()],
              "autoscale": policy.to_dict() if policy else None, "seconds_to_ready": time.time() - started}
 
+    stop = threading.Event()           # before the ready line: a stop sent right after it is a clean stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
     def emit(event: dict, text: str):
         print(json.dumps(event) if args.json else f"[serve] {text}", file=out if args.json else sys.stderr,
               flush=True)
@@ -125,9 +129,6 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
             print(f"[serve] autoscaling between {policy.min_replicas} and {policy.max_replicas} replicas",
                   file=sys.stderr, flush=True)
         print("[serve] Ctrl-C stops", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     scaler = Autoscaler(policy) if policy else None
     while not stop.wait(1.0):          # watch: restart what stopped serving, then scale
         try:

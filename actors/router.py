@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class _Metrics:
     def __init__(self):
         from ray.util.metrics import Counter, Gauge, Histogram
+
+        from privatelora.actors.ray_metrics import ray_counter_at_zero
         self.replicas = Gauge("privatelora_router_replicas", "backbone replicas known to the router, by state",
                               tag_keys=("state",))
         self.placements = Counter("privatelora_router_placements_total", "new sessions placed on a replica")
@@ -43,19 +45,11 @@ class _Metrics:
         self.queue = Gauge("privatelora_autoscaler_queue_seconds", "mean stage queue time over the window (input)")
         for counter, tags in ((self.placements, None), (self.resumes, None), *((self.decisions, {"action": a})
                                                                               for a in ACTIONS)):
-            _at_zero(counter, tags)
+            ray_counter_at_zero(counter, tags)
 
 
 ACTIONS = ("up", "down", "hold")      # the autoscaler's decisions (serving.autoscale)
 
-
-def _at_zero(counter, tags=None) -> None:
-    """Export a Ray counter series at 0 before its first event (``Counter.inc`` refuses 0;
-    the recorder underneath takes it: see ``serving.metrics.RayExport``)."""
-    try:
-        counter._record(0, tags=tags)
-    except Exception:
-        log.debug("no zero series for %s", getattr(counter, "_name", counter), exc_info=True)
 
 
 class Router:

@@ -315,7 +315,8 @@ class _FakeRay:
 
 
 def test_ray_export_mirrors_the_registry_with_one_replica_tag(load):
-    from privatelora.serving.metrics import KNOWN, Metrics, RayExport
+    from privatelora.actors.ray_metrics import RayExport
+    from privatelora.serving.metrics import KNOWN, Metrics
     fake = _FakeRay()
     m = Metrics()
     ep = load["ep"]       # stopped, with its load's counts
@@ -357,7 +358,8 @@ def test_ray_export_mirrors_the_registry_with_one_replica_tag(load):
 
 
 def test_a_failing_ray_metric_never_reaches_the_endpoint(caplog):
-    from privatelora.serving.metrics import Metrics, RayExport
+    from privatelora.actors.ray_metrics import RayExport
+    from privatelora.serving.metrics import Metrics
     fake = _FakeRay(fail="privatelora_inter_token_latency_seconds")
     m = Metrics()
     exp = RayExport(m, {"replica": "3"}, module=fake)

@@ -37,18 +37,25 @@ def cmd_cloud(args) -> dict:
     from privatelora.serving.endpoint import CloudEndpoint
     from privatelora.transport import TLSRequiredError
 
-    if args.metrics_sd_file and not args.metrics_port:
-        raise UsageError("--metrics-sd-file needs --metrics-port")
-    split = build_split(args.model, _cfg(args))
+    if args.metrics_sd_file and args.no_metrics:
+        raise UsageError("--metrics-sd-file lists /metrics: it does not go with --no-metrics")
+    metrics = None
+    if not args.no_metrics:      # /metrics by default, on --host; a port in use fails before the model loads
+        from privatelora.serving.metrics import Metrics, instrument
+        metrics = Metrics()
+        metrics.serve(args.metrics_port, args.host)     # a port in use: MetricsPortError, one line, exit 2
     try:
+        split = build_split(args.model, _cfg(args))
         ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
                            idle_timeout_s=args.idle_timeout, **endpoint_bounds(args), **_tls_server_kw(args))
-    except TLSRequiredError as e:
-        raise UsageError(str(e))
-    metrics = None
-    if args.metrics_port:
-        from privatelora.serving.metrics import instrument
-        metrics = instrument(ep)
+    except BaseException as e:
+        if metrics is not None:
+            metrics.close()
+        if isinstance(e, TLSRequiredError):
+            raise UsageError(str(e))
+        raise
+    if metrics is not None:
+        instrument(ep, metrics=metrics)
 
     async def main():
         await ep.start()
@@ -80,9 +87,9 @@ def cmd_cloud(args) -> dict:
 
 
 def _serve_metrics(args, metrics) -> str:
-    """Start /metrics (same host as the endpoint) and write the discovery file; its address."""
+    """Write the discovery file of /metrics (served since the start, on --host); its address."""
     from privatelora.serving.metrics import sd_target, write_sd_file
-    host, port = metrics.serve(args.metrics_port, args.host)
+    host, port = metrics.address
     if args.metrics_sd_file:
         write_sd_file(args.metrics_sd_file, [(host, port, 0)])
     return sd_target(host, port)
@@ -197,8 +204,9 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    c.add_argument("--metrics-port", type=positive, default=0,
-                   help="serve Prometheus /metrics on this port, same host as --host (0: off)")
+    c.add_argument("--metrics-port", type=positive, default=9431,     # privatelora.serving.metrics.DEFAULT_PORT
+                   help="serve Prometheus /metrics on this port, same host as --host (default 9431; 0: any free port)")
+    c.add_argument("--no-metrics", action="store_true", help="serve no /metrics")
     c.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing /metrics")
     c.add_argument("--json", action="store_true", help="JSON lines: one when listening, one when stopped")
     c.set_defaults(func=cmd_cloud, printer=lambda r: print(

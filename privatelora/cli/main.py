@@ -116,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--gather-ms", type=float, default=10.0,
                     help="most a stage waits for sessions that owe it a reply (batching vs latency)")
     add_endpoint_bounds(sv)
-    sv.add_argument("--metrics-port", type=positive, default=0,
-                    help="replica i serves Prometheus /metrics on PORT+i, on its endpoint's host (0: off)")
+    sv.add_argument("--metrics-port", type=positive, default=9431,     # privatelora.serving.metrics.DEFAULT_PORT
+                    help="replica i serves Prometheus /metrics on PORT+i, on its endpoint's host (default 9431; "
+                    "0: any free port); replicas also export through Ray's metrics agent (docs/metrics.md)")
+    sv.add_argument("--no-metrics", action="store_true",
+                    help="no /metrics and no export through Ray's metrics agent (nor Ray's dashboard on a local "
+                    "cluster)")
     sv.add_argument("--metrics-sd-file", help="write a Prometheus file_sd targets JSON file listing every replica")
     sv.add_argument("--json", action="store_true")
     sv.set_defaults(func=cmd_serve)
