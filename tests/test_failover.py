@@ -4,12 +4,8 @@ finishes with exactly the monolithic model's tokens (it resumes on the other rep
 serve restarts the killed replica, which then serves new sessions."""
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -22,57 +18,16 @@ from privatelora.model.sampling import SamplingParams
 from privatelora.runtime.device import DevicePart
 from privatelora.serving.remote import AddressConnector, Resume, run_remote
 from privatelora.transport import Client
+from procs import JsonProc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CLI = [sys.executable, "-m", "privatelora.cli"]
 CFG = PrivateLoRAConfig()          # serve's defaults
 
 
-class _Serve:
-    """A `serve --json` subprocess in a Ray cluster of its own; its JSON events, read as they come."""
-
-    def __init__(self, *args):
-        from privatelora.placement.cluster import auth_env
-        # no metrics: the default /metrics ports belong to whatever else runs here (test_prometheus covers them)
-        self.proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--no-metrics", "--json", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                     env={**os.environ, **auth_env(), "RAY_ADDRESS": "local"})
-        self.events: list[dict] = []
-        self._new = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "not_json", "line": line}
-            with self._new:
-                self.events.append(event)
-                self._new.notify_all()
-
-    def wait_for(self, event: str, timeout: float = 180.0) -> dict:
-        deadline = time.time() + timeout
-        with self._new:
-            while True:
-                for e in self.events:
-                    if e["event"] == event:
-                        return e
-                left = deadline - time.time()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no {event!r} event: {self.events}; "
-                                         f"stderr: {self.proc.stderr.read()[-3000:] if self.proc.poll() is not None else ''}")
-                self._new.wait(min(left, 1.0))
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = self.proc.communicate(timeout=90)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        return {"rc": self.proc.returncode, "stderr": err}
+def _serve(*args) -> JsonProc:
+    """A `serve --json` subprocess in a Ray cluster of its own."""
+    from privatelora.placement.cluster import auth_env
+    return JsonProc("serve", "--port", "0", "--json", "--no-metrics", *args, env={**auth_env(), "RAY_ADDRESS": "local"})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +40,7 @@ def test_sigkill_of_the_serving_replica_mid_generation_is_survived_token_identic
     prompts = [[3 + (13 * u + 7 * i) % 250 for i in range(9 + u)] for u in range(2)]
     params = [SamplingParams(max_new_tokens=40), SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=5)]
     want = [reference.generate(reference.merged_model(tiny, adapters[u]), prompts[u], params[u])[0] for u in range(2)]
-    serve = _Serve("--replicas", "2")
+    serve = _serve("--replicas", "2")
     try:
         ready = serve.wait_for("serving")
         door = ready["front_door"]

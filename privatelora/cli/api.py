@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from privatelora.cli.common import add_draft_args, add_split_args, positive, read_chat_template, split_config
+from privatelora.cli.common import add_cloud_link_args, add_draft_args, add_split_args, positive, read_chat_template, split_config
 from privatelora.config import UsageError
 
 
@@ -195,14 +195,7 @@ def add_commands(sub) -> None:
     a.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $PRIVATELORA_API_KEY, "
                    "else none)")
     a.add_argument("--chat-template", metavar="FILE", help="Jinja chat template instead of the checkpoint's")
-    a.add_argument("--wire-dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
-                   help="dtype of activations on the wire")
-    a.add_argument("--link", default="loopback", help="emulate a link to the cloud: loopback, lan, wifi, 5g, 4g")
-    a.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) of the cloud; required off loopback")
-    a.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
-    a.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer from the cloud")
-    a.add_argument("--resume-attempts", type=positive, default=8,
-                   help="when the cloud loses a session, replay it on a new one up to this many times")
+    add_cloud_link_args(a)
     add_draft_args(a)
     a.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")

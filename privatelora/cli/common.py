@@ -161,6 +161,20 @@ def stdout_kept_for_json():
         os.close(saved)
 
 
+def add_cloud_link_args(p) -> None:
+    """How a device reaches its cloud (``edge``, ``api``): wire dtype, link, TLS, patience."""
+    p.add_argument("--wire-dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="dtype of activations on the wire (hand-offs use fp16 for int8)")
+    p.add_argument("--link", default="loopback", help="emulate a link to the cloud: loopback, lan, wifi, 5g, 4g")
+    p.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) of the cloud to trust; required off "
+                   "loopback")
+    p.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer from the cloud")
+    p.add_argument("--resume-attempts", type=positive, default=8,
+                   help="when the cloud loses a session (dropped connection, busy, replica gone), open a new one "
+                   "and replay the tokens held here, up to this many times (0: give up at once)")
+
+
 def add_draft_args(p) -> None:
     p.add_argument("--draft", metavar="ngram|tiny|PATH", default=None,
                    help="speculative decoding drafted on the device: ngram (lookup in the session's own "

@@ -13,8 +13,8 @@ import signal
 import sys
 import time
 
-from privatelora.cli.common import (add_draft_args, add_endpoint_bounds, add_prompt_args, decode, draft_from_args,
-                                    endpoint_bounds, prompt_ids, split_config)
+from privatelora.cli.common import (add_cloud_link_args, add_draft_args, add_endpoint_bounds, add_prompt_args,
+                                    decode, draft_from_args, endpoint_bounds, prompt_ids, split_config)
 from privatelora.config import UsageError
 
 
@@ -223,15 +223,7 @@ def add_commands(sub, add_split_args, positive):
     e.add_argument("--temperature", type=float, default=0.0)
     e.add_argument("--top-p", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--wire-dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
-                   help="dtype of activations on the wire (hand-offs use fp16 for int8)")
-    e.add_argument("--link", default="loopback", help="emulate a link: loopback, lan, wifi, 5g, 4g")
-    e.add_argument("--tls-ca", help="PEM CA (or self-signed certificate) to trust; required off loopback")
-    e.add_argument("--tls-server-name", help="expected certificate host name, if not the --connect host")
-    e.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any answer")
-    e.add_argument("--resume-attempts", type=positive, default=8,
-                   help="when the cloud loses the session (dropped connection, busy, replica gone), open a new "
-                   "one and replay the tokens held here, up to this many times (0: give up at once)")
+    add_cloud_link_args(e)
     add_draft_args(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_edge, printer=print_edge)
