@@ -35,7 +35,7 @@ def resolve_config(cfg: PrivateLoRAConfig | None, adapter) -> PrivateLoRAConfig:
     if isinstance(adapter, PrivateAdapter):
         a = adapter.cfg
         return PrivateLoRAConfig(rank=a.rank, targets=a.targets, shared_a=a.shared_a, seed=a.seed,
-                                 adapted_layers=",".join(map(str, adapter.layers)),
+                                 projection=a.projection, adapted_layers=",".join(map(str, adapter.layers)),
                                  device_head_layers=cfg.device_head_layers,
                                  device_tail_layers=cfg.device_tail_layers, dtype=cfg.dtype)
     return cfg

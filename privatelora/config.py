@@ -7,6 +7,8 @@ can trust its fields.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +36,12 @@ class UsageError(PrivateLoRAError):
 PLACEMENT_HELP = ("decoder layers that carry A, B and M: all (default), last:K, first:K, every:K (every K-th "
                   "layer, ending at the last one) or a list such as 0,8,16; a token costs one round trip per "
                   "adapted cloud layer plus one")
+# Projection schemes: how the public A and B are made (model/projections.py). The value is the
+# recipe's version, recorded in adapter files and hashed into the session's Open: an M is only
+# meaningful with the exact A and B it was trained against.
+PROJECTIONS = {"random": "normal-v1", "svd": "svd-v1"}
+PROJECTION_HELP = ("public A and B: svd (default; A = the top-r right singular vectors of the frozen weight, "
+                   "B = W A^T, computed from the checkpoint) or random (Gaussians drawn from --projection-seed)")
 _PLACEMENT_RE = re.compile(r"all|(last|first|every):([1-9][0-9]*)|[0-9]+(,[0-9]+)*")
 
 
@@ -69,6 +77,7 @@ class PrivateLoRAConfig:
     seed: int = 0                   # public seed of the shared frozen A and B
     dtype: str = "float32"          # compute dtype of both parts
     adapted_layers: str = "all"     # decoder layers carrying A, B, M (PLACEMENT_HELP)
+    projection: str = "svd"         # how A and B are made (PROJECTIONS, PROJECTION_HELP)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -88,6 +97,8 @@ class PrivateLoRAConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {sorted(PROJECTIONS)}, got {self.projection!r}")
         if not isinstance(self.adapted_layers, str):
             raise ConfigError(f"adapted_layers must be a string spec, got {self.adapted_layers!r}")
         spec = self.adapted_layers.replace(" ", "")
@@ -116,6 +127,21 @@ class PrivateLoRAConfig:
         """The adapted cloud layers: one device round trip each, per token chain."""
         cloud = self.cloud_layers(n_layers)
         return tuple(i for i in self.adapted(n_layers) if i in cloud)
+
+    @property
+    def projection_scheme(self) -> str:
+        """The recipe version of A and B (what adapter files record)."""
+        return PROJECTIONS[self.projection]
+
+    def projection_fingerprint(self) -> str:
+        """16 hex digits naming the recipe of A and B: the scheme's version, the public seed
+        (random scheme only: svd takes none), rank, targets and shared A. Device and cloud derive
+        it alone; it travels in the session's Open so the cloud refuses a session whose A and B
+        would differ from its own. The checkpoint itself is not in it (the device cannot see the
+        cloud's layers); the adapter file pins the backbone's fingerprint on the device."""
+        recipe = [self.projection_scheme, self.seed if self.projection == "random" else None,
+                  self.rank, list(self.targets), self.shared_a]
+        return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         d = asdict(self)

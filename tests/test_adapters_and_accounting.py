@@ -17,15 +17,15 @@ from privatelora.runtime.runner import InProcessRunner
 
 
 def test_projections_are_public_and_deterministic(backbones):
-    cfg = backbones["llama"].config
-    p1 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=3), range(2))
-    p2 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=3), range(2))
-    p3 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=4), range(2))
+    cfg = backbones["llama"].config     # the random scheme: drawn from the seed, no weights needed
+    p1 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=3, projection="random"), range(2))
+    p2 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=3, projection="random"), range(2))
+    p3 = PublicProjections(cfg, PrivateLoRAConfig(rank=4, seed=4, projection="random"), range(2))
     assert all(torch.equal(p1.A[k], p2.A[k]) for k in p1.A)
     assert not torch.equal(p1.A[(0, "q")], p3.A[(0, "q")])
     assert p1.A[(0, "q")].shape == (4, cfg.hidden_size)
     assert p1.B[(0, "k")].shape == (cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads, 4)   # GQA: k is narrower
-    shared = PublicProjections(cfg, PrivateLoRAConfig(rank=4, shared_a=True), range(2))
+    shared = PublicProjections(cfg, PrivateLoRAConfig(rank=4, shared_a=True, projection="random"), range(2))
     assert set(k for _, k in shared.A) == {"shared"}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from privatelora.config import PrivateLoRAConfig, PrivateLoRAError
+from privatelora.config import PROJECTIONS, PrivateLoRAConfig, PrivateLoRAError
 from privatelora.model.projections import PROJECTION_SCHEME
 from privatelora.privacy import PRIVATE_PREFIX, mark_private
 
@@ -73,7 +73,7 @@ class PrivateAdapter:
                 "targets": ",".join(self.cfg.targets), "shared_a": str(self.cfg.shared_a).lower(),
                 "seed": str(self.cfg.seed), "n_layers": str(self.n_layers),
                 "adapted_layers": ",".join(map(str, self.layers)),
-                "projection_scheme": PROJECTION_SCHEME}
+                "projection_scheme": self.cfg.projection_scheme}
 
 
 def save_adapter(adapter: PrivateAdapter, path) -> None:
@@ -119,15 +119,26 @@ def _file_layers(meta: dict) -> str:
     return ",".join(map(str, range(int(meta.get("n_layers", "0"))))) or "all"
 
 
+def _file_projection(meta: dict) -> str:
+    """The projection scheme a file records, by config name; a file without one predates the
+    field and was trained against the random A and B."""
+    scheme = meta.get("projection_scheme", PROJECTION_SCHEME)
+    names = [name for name, version in PROJECTIONS.items() if version == scheme]
+    if not names:
+        raise AdapterError(f"adapter made with an unknown projection scheme {scheme!r} (this version knows "
+                           f"{sorted(PROJECTIONS.values())})")
+    return names[0]
+
+
 def config_from_adapter(path, base: PrivateLoRAConfig | None = None) -> PrivateLoRAConfig:
-    """The adapter-relevant config recorded in ``path`` (rank, targets, shared A, seed and the
-    adapted layers); where the split runs (device head/tail layers) and the dtype come from ``base``."""
+    """The adapter-relevant config recorded in ``path`` (rank, targets, shared A, seed, the
+    projection scheme and the adapted layers); where the split runs (device head/tail layers) and the dtype come from ``base``."""
     meta = read_adapter_metadata(path)
     base = base or PrivateLoRAConfig()
     try:
         return PrivateLoRAConfig(rank=int(meta["rank"]), targets=tuple(meta["targets"].split(",")),
                                  shared_a=meta["shared_a"] == "true", seed=int(meta["seed"]),
-                                 adapted_layers=_file_layers(meta),
+                                 adapted_layers=_file_layers(meta), projection=_file_projection(meta),
                                  device_head_layers=base.device_head_layers,
                                  device_tail_layers=base.device_tail_layers, dtype=base.dtype)
     except (KeyError, ValueError) as e:
@@ -139,7 +150,8 @@ def load_adapter(path, cfg: PrivateLoRAConfig, n_layers: int, fingerprint: str, 
     from safetensors.torch import load_file
     meta = read_adapter_metadata(path)
     expect = PrivateAdapter(cfg, n_layers, fingerprint).metadata()
-    meta = {**meta, "adapted_layers": _file_layers(meta)}
+    meta = {**meta, "adapted_layers": _file_layers(meta),
+            "projection_scheme": meta.get("projection_scheme", PROJECTION_SCHEME)}
     for key in ("version", "projection_scheme", "fingerprint", "n_layers", "rank", "targets", "shared_a", "seed",
                 "adapted_layers"):
         if meta.get(key) != expect[key]:

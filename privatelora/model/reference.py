@@ -11,7 +11,7 @@ import copy
 import torch
 
 from privatelora.model.adapters import PrivateAdapter
-from privatelora.model.projections import PublicProjections
+from privatelora.model.projections import PublicProjections, hf_weights
 from privatelora.model.sampling import Sampler, SamplingParams
 
 
@@ -20,7 +20,7 @@ def merged_model(backbone, adapter: PrivateAdapter):
     cfg = adapter.cfg
     model = copy.deepcopy(backbone.model)
     layers = adapter.layers           # the placement: only these layers carry M
-    proj = PublicProjections(model.config, cfg, layers, device=model.device)
+    proj = PublicProjections(model.config, cfg, layers, device=model.device, weights=hf_weights(backbone.model))
     with torch.no_grad():
         for i in layers:
             layer = model.model.layers[i]

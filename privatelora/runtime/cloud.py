@@ -37,7 +37,7 @@ import torch
 
 from privatelora.config import PrivateLoRAConfig
 from privatelora.model.block import KVCache, LayerWeights, Segment, attend, finish_layer, rms_norm, rope_tables
-from privatelora.model.projections import PublicProjections
+from privatelora.model.projections import PublicProjections, hf_weights
 from privatelora.runtime.messages import Activations, Error, Handoff, Reply
 
 
@@ -80,7 +80,7 @@ class CloudPart:
         self._adapted = set(self.exchange_ids)
         self.layers = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in self.layer_ids}
         self.next_layer = dict(zip(self.layer_ids, self.layer_ids[1:]))
-        self.proj = PublicProjections(model.config, cfg, self.exchange_ids, device=model.device)
+        self.proj = PublicProjections(model.config, cfg, self.exchange_ids, device=model.device, weights=hf_weights(model))
         self.rotary = model.model.rotary_emb
         self.hidden = model.config.hidden_size
         self.max_positions = model.config.max_position_embeddings

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from privatelora.config import PrivateLoRAConfig, PrivateLoRAError
 from privatelora.model.adapters import PrivateAdapter
 from privatelora.model.block import KVCache, LayerWeights, Segment, attend, finish_layer, rms_norm, rope_tables
-from privatelora.model.projections import PublicProjections
+from privatelora.model.projections import PublicProjections, hf_weights
 from privatelora.privacy import mark_private
 from privatelora.runtime.accounting import CommStats
 from privatelora.runtime.messages import Activations, Handoff, Reply
@@ -37,7 +37,8 @@ class DevicePart:
         self.tail_ids = list(range(n - cfg.device_tail_layers, n))
         local = self.head_ids + self.tail_ids
         self.local = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in local}
-        self.proj = PublicProjections(model.config, cfg, [i for i in local if i in self.adapted], device=model.device)
+        self.proj = PublicProjections(model.config, cfg, [i for i in local if i in self.adapted], device=model.device,
+                                      weights=hf_weights(model))   # svd: from its own layers only
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens.weight
         self.norm_w = model.model.norm.weight
@@ -48,9 +49,9 @@ class DevicePart:
         self.adapter = adapter if adapter is not None else PrivateAdapter(cfg, n, backbone.fingerprint, device=model.device)
         if self.adapter.cfg.rank != cfg.rank or self.adapter.cfg.targets != cfg.targets \
                 or self.adapter.cfg.shared_a != cfg.shared_a or self.adapter.cfg.seed != cfg.seed \
-                or set(self.adapter.layers) != self.adapted:
+                or self.adapter.cfg.projection != cfg.projection or set(self.adapter.layers) != self.adapted:
             raise PrivateLoRAError("adapter config does not match the split config "
-                                   "(rank, targets, shared_a, seed, adapted layers)")
+                                   "(rank, targets, shared_a, seed, projection, adapted layers)")
 
     def session(self, session_id: int, bytes_per_number: int | None = None) -> "DeviceSession":
         """A new conversation. Bytes are counted at ``bytes_per_number`` (default: the

@@ -231,6 +231,11 @@ class CloudEndpoint:
             raise wire.WireError("geometry_mismatch", f"this backbone adapts cloud layers {list(want.layers)}, the "
                                  f"session declared {list(g.layers)}: the adapter's placement must match the "
                                  "endpoint's --adapted-layers")
+        if g.projections != want.projections:
+            raise wire.WireError("geometry_mismatch", f"this endpoint's public A and B are {self.cloud.cfg.projection} "
+                                 f"projections with fingerprint {want.projections!r}, the session declared "
+                                 f"{g.projections!r}: the adapter must be trained against the endpoint's "
+                                 "--projection (and seed)")
         if g != want:
             raise wire.WireError("geometry_mismatch", f"this backbone serves {want}, session declared {g}")
         if g.max_tokens > self.cloud.max_tokens_per_request:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from privatelora.config import PrivateLoRAError
 from privatelora.model.adapters import m_name
 from privatelora.model.block import finish_layer, rms_norm
-from privatelora.model.projections import PublicProjections
+from privatelora.model.projections import PublicProjections, hf_weights
 from privatelora.privacy import mark_private
 from privatelora.runtime.messages import Activations, Error, Handoff, Reply
 from privatelora.runtime.train_messages import (
@@ -208,7 +208,7 @@ def monolithic_loss_and_grads(backbone, adapter, inputs, labels, denominator: fl
     """(mean loss, {M name: dL/dM}) from the unsplit HF model: forward hooks add
     ``B (M (A x))`` to the outputs of q/k/v (x: the projection's input), M a torch leaf."""
     model, cfg = backbone.model, adapter.cfg
-    proj = PublicProjections(model.config, cfg, adapter.layers, device=model.device)
+    proj = PublicProjections(model.config, cfg, adapter.layers, device=model.device, weights=hf_weights(model))
     leaves = {name: M.detach().clone().requires_grad_(True) for name, M in adapter.named_parameters()}
     hooks = []
     for i in adapter.layers:                # the placement: only these layers carry M

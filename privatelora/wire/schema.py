@@ -16,6 +16,7 @@ MAX_POSITION, MAX_REASON, MAX_OPEN_BODY = 2**31 - 1, 1024, 16384
 DTYPES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
 CODE_RE = re.compile(r"[a-z0-9_]{1,64}")
+PROJECTIONS_RE = re.compile(r"(?:[0-9a-f]{16})?")
 
 
 def check_int(v, what, lo, hi, err=SchemaError, code="bad_field") -> int:
@@ -46,6 +47,7 @@ class Geometry:
     layers: tuple[int, ...]  # cloud layers that exchange activations, in order
     dtype: str = "fp32"  # wire dtype of Activations / Reply
     max_tokens: int = 2048  # rows per frame
+    projections: str = ""  # PrivateLoRAConfig.projection_fingerprint(): the recipe of A and B
 
     def __post_init__(self):
         for name in ("targets", "layers"):
@@ -75,6 +77,8 @@ class Geometry:
             check_int(x, "layer", 0, 65535, g, c)
         if any(b <= a for a, b in zip(ls, ls[1:])):
             raise g("bad_geometry", "layers must be strictly increasing")
+        if type(self.projections) is not str or not PROJECTIONS_RE.fullmatch(self.projections):
+            raise g("bad_geometry", "projections must be 16 lowercase hex digits (or empty)")
         return self
 
     def to_wire(self) -> dict:
@@ -93,9 +97,11 @@ GEOMETRY_FIELDS = frozenset(f.name for f in fields(Geometry))
 
 
 def session_geometry(layer_ids, hidden: int, cfg, dtype: str = "fp32", max_tokens: int = 2048) -> Geometry:
-    """The geometry of a session of a split configured by ``cfg`` (a ``PrivateLoRAConfig``)."""
+    """The geometry of a session of a split configured by ``cfg`` (a ``PrivateLoRAConfig``),
+    with the fingerprint of its A and B's recipe: the cloud refuses an Open whose differs."""
     return Geometry(hidden=hidden, rank=cfg.rank, targets=tuple(cfg.targets), shared_a=cfg.shared_a,
-                    layers=tuple(layer_ids), dtype=dtype, max_tokens=max_tokens).validate()
+                    layers=tuple(layer_ids), dtype=dtype, max_tokens=max_tokens,
+                    projections=cfg.projection_fingerprint()).validate()
 
 
 @dataclass
