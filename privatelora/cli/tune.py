@@ -8,12 +8,13 @@ import asyncio
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from privatelora.bench.tuning import DEFAULTS, METHODS, bench_tuning, default_lr, print_tuning
-from privatelora.config import PrivateLoRAConfig, PrivateLoRAError, UsageError
+from privatelora.bench.tuning import DEFAULTS, METHODS, USERS, bench_tuning, default_lr, print_tuning
+from privatelora.config import PLACEMENT_HELP, PROJECTION_HELP, PROJECTIONS, PrivateLoRAConfig, PrivateLoRAError, UsageError
 from privatelora.training.baselines import PrivateLoRAMethod
 from privatelora.training.data import BUNDLED, load_corpus
 from privatelora.training.loop import TrainSettings, evaluate, progress_bar, train_async
@@ -44,6 +45,8 @@ def cmd_tune(args) -> dict:
     if not out.parent.is_dir():
         raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
     cfg = split_config(args)
+    if args.projection is not None:
+        cfg = replace(cfg, projection=args.projection)
     if cfg.torch_dtype != torch.float32:
         raise UsageError("tuning runs in float32 (--dtype float32)")
     bb = load_backbone(args.model, dtype=cfg.torch_dtype)
@@ -52,7 +55,8 @@ def cmd_tune(args) -> dict:
     per_step = args.batch * args.seq
     steps = args.steps if args.steps is not None else \
         max(1, math.ceil(args.epochs * len(corpus.train) / per_step)) if args.epochs is not None else DEFAULTS["steps"]
-    lr = args.lr if args.lr is not None else default_lr("privatelora_shared_a" if cfg.shared_a else "privatelora")
+    lr = args.lr if args.lr is not None else default_lr(
+        "privatelora_random" if cfg.projection == "random" else "privatelora_shared_a" if cfg.shared_a else "privatelora")
     s = TrainSettings(steps=steps, batch=args.batch, seq=args.seq, lr=lr, warmup=min(args.warmup, steps),
                       schedule=args.schedule, eval_every=args.eval_every, eval_tokens=args.eval_tokens, seed=args.seed)
     if args.threads:
@@ -150,6 +154,8 @@ def add_commands(sub, add_split_args, positive) -> None:
                        "file that generate, edge and demo accept.")
     add_split_args(t, with_adapter=False)
     t.set_defaults(rank=DEFAULTS["rank"])
+    if "--projection" not in t._option_string_actions:     # add_split_args may come to carry it
+        t.add_argument("--projection", choices=sorted(PROJECTIONS), default=None, help=PROJECTION_HELP)
     t.add_argument("--data", required=True, help=f"UTF-8 text file (.txt or .gz), or one of {', '.join(BUNDLED)}")
     t.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     t.add_argument("--connect", help="HOST:PORT of a running `privatelora cloud` (default: in process)")
@@ -176,12 +182,15 @@ def add_commands(sub, add_split_args, positive) -> None:
     bsub = _bench_subparsers(sub)
     if bsub is None:
         return
-    b = bsub.add_parser("tuning", help="held-out perplexity: untuned, LoRA, PrivateLoRA (separate / shared A), full")
+    b = bsub.add_parser("tuning", help="held-out perplexity over seeds: untuned, LoRA (peft), PrivateLoRA (svd "
+                        "projections with separate / shared A, random projections), full")
     b.add_argument("--model", default="tiny")
-    b.add_argument("--users", default="sonnets,paradise_lost", help="comma separated data names or files")
+    b.add_argument("--users", default=",".join(USERS), help="comma separated data names or files")
     b.add_argument("--methods", default=",".join(METHODS))
     b.add_argument("--rank", type=positive, default=DEFAULTS["rank"], help="rank of PrivateLoRA's M")
-    b.add_argument("--targets", default="q,k,v", help="projections carrying M")
+    b.add_argument("--targets", default="q,k,v", help="projections carrying M and LoRA")
+    b.add_argument("--adapted-layers", metavar="SPEC", default="all",
+                   help="layers carrying M and LoRA in the main rows (" + PLACEMENT_HELP + ")")
     b.add_argument("--placements", default="",
                    help="extra PrivateLoRA rows with fewer adapted layers, as SPEC@RANK separated by ';' "
                         "(e.g. 'last:1@48;last:2@33': the same parameter budget as all 4 layers at rank 24)")
@@ -194,7 +203,9 @@ def add_commands(sub, add_split_args, positive) -> None:
                        help=f"learning rate of {m} (default {default_lr(m):g}; see docs/tuning.md)")
     b.add_argument("--split", choices=["test", "val"], default="test", help="evaluate on test (default) or validation")
     b.add_argument("--eval-tokens", type=positive, default=8192)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="first training seed")
+    b.add_argument("--seeds", type=positive, default=DEFAULTS["seeds"],
+                   help=f"training seeds per cell (default {DEFAULTS['seeds']}): mean and spread")
     b.add_argument("--json", action="store_true")
 
     def run(args):
@@ -209,6 +220,12 @@ def add_commands(sub, add_split_args, positive) -> None:
         if not users:
             raise UsageError("--users names no data")
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        try:
+            PrivateLoRAConfig(targets=targets, adapted_layers=args.adapted_layers)
+        except PrivateLoRAError as e:
+            raise UsageError(str(e))
+        if args.seeds < 1:
+            raise UsageError("--seeds must be at least 1")
         placements = []
         for item in (p.strip() for p in args.placements.split(";") if p.strip()):
             spec, sep, r = item.rpartition("@")
@@ -221,5 +238,5 @@ def add_commands(sub, add_split_args, positive) -> None:
             placements.append((spec, int(r)))
         return bench_tuning(args.model, users, methods, args.rank, targets, lrs, args.steps, args.batch, args.seq,
                             args.schedule, args.split, args.eval_tokens, args.seed, quiet=args.json,
-                            placements=placements)
+                            placements=placements, seeds=args.seeds, adapted_layers=args.adapted_layers)
     b.set_defaults(func=run, printer=print_tuning)

@@ -3,9 +3,11 @@
 ``evaluate(inputs, labels)`` (summed nats).
 
 ``PrivateLoRAMethod`` trains M through the split (``training/cloud.py``,
-``training/device.py``), in process or over a ``transport.Session``; ``LoRAMethod``
-(standard LoRA on q, k, v: A Kaiming-uniform, B zero, scale alpha / r) and
-``FullFineTune`` (every backbone weight) are the baselines; ``Untuned`` only evaluates.
+``training/device.py``), in process or over a ``transport.Session``; ``PeftLoRA`` (LoRA
+through the ``peft`` library, the one users compare against, on the same targets and
+layers as the split) and ``FullFineTune`` (every backbone weight) are the baselines;
+``LoRAMethod`` is the earlier hand-written LoRA, kept as the parity reference of
+``PeftLoRA`` (tests/test_tuning.py); ``Untuned`` only evaluates.
 """
 
 from __future__ import annotations
@@ -66,6 +68,28 @@ class LoRAMethod(Untuned):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class PeftLoRA(Untuned):
+    """LoRA through ``peft`` (``LoraConfig``: r, alpha, no dropout, no bias) on ``targets`` of
+    ``layers`` (None: every layer), on a private copy of the frozen backbone. peft draws A
+    (Kaiming-uniform) and zeroes B; the draw uses a torch RNG seeded with ``seed`` and forked,
+    so the process's global RNG is untouched and a seed always gives the same A."""
+
+    name = "lora"
+
+    def __init__(self, backbone, rank: int = 16, alpha: float = 32, targets=("q", "k", "v"), seed: int = 0,
+                 layers=None):
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                         target_modules=[f"{t}_proj" for t in targets],
+                         layers_to_transform=None if layers is None else list(layers))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = get_peft_model(copy.deepcopy(backbone.model), cfg)
+        self.model.eval()      # no dropout anywhere (the backbone's config may declare some)
+        self.named = [(n, p) for n, p in sorted(self.model.named_parameters()) if p.requires_grad]
+        self.params = [p for _, p in self.named]
 
 
 class FullFineTune(Untuned):

@@ -1,5 +1,5 @@
-"""User data for personalization: bundled texts by name (``sonnets``, ``paradise_lost``:
-``privatelora/data/``) or any UTF-8 file (plain or ``.gz``), tokenized on the device, cut
+"""User data for personalization: bundled texts by name (``sonnets``, ``paradise_lost``,
+``areopagitica``: ``privatelora/data/``) or any UTF-8 file (plain or ``.gz``), tokenized on the device, cut
 into contiguous train / validation / test parts (no window crosses a cut), and batches.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from privatelora.config import UsageError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-BUNDLED = {"sonnets": "sonnets.txt.gz", "paradise_lost": "paradise_lost.txt.gz"}
+BUNDLED = {"sonnets": "sonnets.txt.gz", "paradise_lost": "paradise_lost.txt.gz", "areopagitica": "areopagitica.txt.gz"}
 IGNORE = -100
 
 
