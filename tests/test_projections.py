@@ -193,4 +193,6 @@ def test_tune_writes_the_scheme_it_trained_against(tmp_path, capsys):
         assert main([*common, *flag, "--out", str(out)]) == 0
         assert read_adapter_metadata(out)["projection_scheme"] == scheme
     capsys.readouterr()
-    assert main([*common, "--projection", "qr", "--out", str(tmp_path / "x.safetensors")]) == 2
+    with pytest.raises(SystemExit) as e:
+        main([*common, "--projection", "qr", "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "invalid choice: 'qr'" in capsys.readouterr().err
