@@ -37,7 +37,9 @@ def comm(geometry: str = "7b", rank: int = 128, shared_a: bool = False, dtype: s
     bb = backbone or geometry_model(geometry, seed=seed)
     if not quiet:
         print(f"[bench comm] built {geometry} geometry (2 layers) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    cfg = PrivateLoRAConfig(rank=rank, shared_a=shared_a)
+    # bytes do not depend on how A and B are made; random ones cost nothing to make, where the
+    # svd scheme would take minutes of float64 SVDs at a 7B geometry
+    cfg = PrivateLoRAConfig(rank=rank, shared_a=shared_a, projection="random")
     split = build_split(cfg=cfg, backbone=bb)
     split.adapter.randomize_(seed + 1, scale=0.5)     # a user with non-zero M: replies are not all zeros
     g = torch.Generator().manual_seed(seed)
