@@ -196,3 +196,28 @@ def test_tune_writes_the_scheme_it_trained_against(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*common, "--projection", "qr", "--out", str(tmp_path / "x.safetensors")])
     assert e.value.code == 2 and "invalid choice: 'qr'" in capsys.readouterr().err
+
+
+def test_every_split_command_takes_the_projection(tmp_path, capsys):
+    import json
+
+    from privatelora.cli.main import main
+    path = tmp_path / "random.safetensors"
+    assert main(["adapter", "init", "--projection", "random", "--random-scale", "0.2", "--out", str(path),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["projection_scheme"] == "normal-v1"
+    # the file's scheme wins; a flag that contradicts it is a one-line error
+    assert main(["generate", "--adapter", str(path), "--projection", "svd", "--prompt-ids", "5,6"]) == 2
+    assert "--projection svd conflicts with the adapter file (random)" in capsys.readouterr().err
+    runs = {}
+    for mode in ("split", "monolithic"):
+        assert main(["generate", "--adapter", str(path), "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
+                     "--mode", mode, "--json"]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    assert runs["split"]["config"]["projection"] == "random" and runs["split"]["tokens"] == runs["monolithic"]["tokens"]
+    for command in ("cloud", "serve", "edge", "api", "tune"):
+        from privatelora.cli.main import build_parser
+        args = build_parser().parse_args([command, "--projection", "random", *(
+            ["--connect", "h:1", "--prompt", "x"] if command == "edge" else
+            ["--data", "sonnets", "--out", "x"] if command == "tune" else [])])
+        assert args.projection == "random", command

@@ -45,12 +45,12 @@ def resolve(args, files: dict[str, str]):
     n = int(read_adapter_metadata(files[names[0]])["n_layers"])
 
     def key(c: PrivateLoRAConfig):
-        return (c.rank, tuple(c.targets), c.shared_a, c.seed, tuple(c.adapted(n)))
+        return (c.rank, tuple(c.targets), c.shared_a, c.seed, c.projection, tuple(c.adapted(n)))
     for name in names[1:]:
         other = config_from_adapter(files[name], cfg)
         if key(other) != key(cfg):
-            raise UsageError(f"--adapter {name} was made for another split (rank, targets, shared A, seed or "
-                             f"adapted layers) than {names[0]}: the adapters served together share one")
+            raise UsageError(f"--adapter {name} was made for another split (rank, targets, shared A, seed, "
+                             f"projection or adapted layers) than {names[0]}: the adapters served together share one")
     return cfg
 
 

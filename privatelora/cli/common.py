@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 
-from privatelora.config import PLACEMENT_HELP, UsageError
+from privatelora.config import PLACEMENT_HELP, PROJECTION_HELP, PROJECTIONS, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +40,8 @@ def add_split_args(p, with_adapter=True):
     p.add_argument("--device-head-layers", type=positive, default=0, help="first K decoder layers run on the device")
     p.add_argument("--device-tail-layers", type=positive, default=0, help="last K decoder layers run on the device")
     p.add_argument("--projection-seed", type=positive, default=None, help="public seed of A and B (default 0)")
+    p.add_argument("--projection", choices=sorted(PROJECTIONS), default=None,
+                   help=PROJECTION_HELP + " (taken from --adapter if given)")
     p.add_argument("--adapted-layers", metavar="SPEC", default=None,
                    help=PLACEMENT_HELP + " (taken from --adapter if given)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
@@ -51,7 +53,8 @@ def split_config(args):
     kw = dict(device_head_layers=args.device_head_layers, device_tail_layers=args.device_tail_layers, dtype=args.dtype)
     if getattr(args, "adapter", None):
         cfg = config_from_adapter(args.adapter, PrivateLoRAConfig(**kw))
-        for name, have in (("rank", cfg.rank), ("shared_a", cfg.shared_a), ("projection_seed", cfg.seed)):
+        for name, have in (("rank", cfg.rank), ("shared_a", cfg.shared_a), ("projection_seed", cfg.seed),
+                           ("projection", cfg.projection)):
             given = getattr(args, name)
             if given is not None and given != have:
                 raise UsageError(f"--{name.replace('_', '-')} {given} conflicts with the adapter file ({have})")
@@ -71,6 +74,8 @@ def split_config(args):
         kw["shared_a"] = True
     if args.projection_seed is not None:
         kw["seed"] = args.projection_seed
+    if getattr(args, "projection", None) is not None:
+        kw["projection"] = args.projection
     if getattr(args, "adapted_layers", None) is not None:
         kw["adapted_layers"] = args.adapted_layers
     return PrivateLoRAConfig(**kw)

@@ -8,13 +8,12 @@ import asyncio
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from privatelora.bench.tuning import DEFAULTS, METHODS, USERS, bench_tuning, default_lr, print_tuning
-from privatelora.config import PLACEMENT_HELP, PROJECTION_HELP, PROJECTIONS, PrivateLoRAConfig, PrivateLoRAError, UsageError
+from privatelora.config import PLACEMENT_HELP, PrivateLoRAConfig, PrivateLoRAError, UsageError
 from privatelora.training.baselines import PrivateLoRAMethod
 from privatelora.training.data import BUNDLED, load_corpus
 from privatelora.training.loop import TrainSettings, evaluate, progress_bar, train_async
@@ -45,8 +44,6 @@ def cmd_tune(args) -> dict:
     if not out.parent.is_dir():
         raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
     cfg = split_config(args)
-    if args.projection is not None:
-        cfg = replace(cfg, projection=args.projection)
     if cfg.torch_dtype != torch.float32:
         raise UsageError("tuning runs in float32 (--dtype float32)")
     bb = load_backbone(args.model, dtype=cfg.torch_dtype)
@@ -154,8 +151,6 @@ def add_commands(sub, add_split_args, positive) -> None:
                        "file that generate, edge and demo accept.")
     add_split_args(t, with_adapter=False)
     t.set_defaults(rank=DEFAULTS["rank"])
-    if "--projection" not in t._option_string_actions:     # add_split_args may come to carry it
-        t.add_argument("--projection", choices=sorted(PROJECTIONS), default=None, help=PROJECTION_HELP)
     t.add_argument("--data", required=True, help=f"UTF-8 text file (.txt or .gz), or one of {', '.join(BUNDLED)}")
     t.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     t.add_argument("--connect", help="HOST:PORT of a running `privatelora cloud` (default: in process)")
