@@ -273,13 +273,18 @@ def test_the_example_app_streams_a_chat(local):
     assert run.stdout == want.choices[0].message.content + "\n"
 
 
-def test_bad_command_lines_are_one_line_errors(capsys, tmp_path):
+def test_bad_command_lines_are_one_line_errors(capsys, tmp_path, adapter):
     assert main(["api", "--adapter", "alice"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
     assert main(["api", "--adapter", f"alice={tmp_path / 'none.safetensors'}"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["api", "--connect", "nowhere"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+    other = tmp_path / "r8.safetensors"           # adapters served together share one split
+    assert main(["adapter", "init", "--rank", "8", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["api", "--adapter", f"alice={adapter}", "--adapter", f"bob={other}", "--port", "0"]) == 2
+    assert "was made for another rank" in capsys.readouterr().err
     template = tmp_path / "missing.jinja"
     assert main(["api", "--chat-template", str(template)]) == 2
     assert "cannot read the chat template" in capsys.readouterr().err

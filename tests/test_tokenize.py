@@ -156,3 +156,32 @@ def test_prompt_errors():
         encode_prompt(None, "x")
     with pytest.raises(PromptError):
         encode_prompt(byte_tokenizer(), 5)
+
+
+def _metaspace_tokenizer(text: str):
+    """A SentencePiece-style tokenizer (a leading "▁" marks a space, dropped at the start of a
+    decode), trained in memory on ``text``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_text_stream_equals_the_full_decode_for_each_kind_of_tokenizer():
+    from privatelora.model.zoo import SHIPPED
+    from transformers import AutoTokenizer
+    text = (SHIPPED.parents[1] / "zoo" / "samples" / "heldout.txt").read_text(encoding="utf-8")[:3000]
+    text += " Où est là-bas? 東京 ✓"
+    for tok in (AutoTokenizer.from_pretrained(SHIPPED, local_files_only=True), byte_tokenizer(),
+                _metaspace_tokenizer(text)):
+        ids = encode_prompt(tok, text, add_special_tokens=False)
+        ids = ids[:200] + [tok.eos_token_id] + ids[200:]         # a special token mid-stream decodes to nothing
+        want = tok.decode(ids, skip_special_tokens=True)
+        for group in (1, 3):
+            s = TextStream(tok)
+            pieces = [s.push(ids[i:i + group]) for i in range(0, len(ids), group)]
+            assert "".join(pieces) + s.close() == want, (type(tok).__name__, group)
+            assert all("\ufffd" not in p for p in pieces)

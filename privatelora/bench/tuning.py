@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -54,10 +55,7 @@ def _method(name: str, bb, rank: int, targets, seed: int, adapted_layers: str = 
 
 def _spread(xs) -> float:
     """Sample standard deviation (0 for one value)."""
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def _gain(untuned: float, loss: float, lora: float):

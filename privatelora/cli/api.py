@@ -33,25 +33,12 @@ def parse_adapters(specs) -> dict[str, str]:
 
 
 def resolve(args, files: dict[str, str]):
-    """The split configuration every served model shares: the adapters' own (they must
-    agree), else the flags."""
-    from privatelora.config import PrivateLoRAConfig
-    from privatelora.model.adapters import config_from_adapter, read_adapter_metadata
-    if not files:
-        return split_config(args)
-    names = list(files)
-    args.adapter = files[names[0]]
-    cfg = split_config(args)                 # the first adapter's, checked against the flags
-    n = int(read_adapter_metadata(files[names[0]])["n_layers"])
-
-    def key(c: PrivateLoRAConfig):
-        return (c.rank, tuple(c.targets), c.shared_a, c.seed, c.projection, tuple(c.adapted(n)))
-    for name in names[1:]:
-        other = config_from_adapter(files[name], cfg)
-        if key(other) != key(cfg):
-            raise UsageError(f"--adapter {name} was made for another split (rank, targets, shared A, seed, "
-                             f"projection or adapted layers) than {names[0]}: the adapters served together share one")
-    return cfg
+    """The split configuration every served model shares: the first adapter's (checked
+    against the flags), else the flags. Every other adapter must have been made for it:
+    ``load_adapter`` refuses one that was not."""
+    if files:
+        args.adapter = next(iter(files.values()))
+    return split_config(args)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -7,9 +7,10 @@ many others define a BOS they never add, some have none. ``add_special_tokens`` 
 that only when it is given. ``encode_chat`` renders a conversation through the
 checkpoint's chat template (or one given), which writes any BOS itself.
 
-``TextStream`` turns tokens into text as they arrive, never emitting half a UTF-8
-character or the start of what may become a stop string; the application sees exactly
-the text a final decode gives, cut before the first stop string.
+``TextStream`` turns tokens into text as they arrive (decoding only the newest few
+tokens each time), never emitting half a UTF-8 character or the start of what may become
+a stop string; the application sees the text a final decode gives, cut before the first
+stop string.
 """
 
 from __future__ import annotations
@@ -97,26 +98,43 @@ def check_prompt(ids: list[int], vocab_size: int, max_positions: int, max_new_to
 class TextStream:
     """Tokens in, text out: ``push(ids)`` returns the text now safe to show, ``close()``
     the rest. After a stop string appears, ``stopped`` is True, the text ends just before
-    it, and ``tokens_used`` counts the tokens up to the one that completed it."""
+    it, and ``tokens_used`` counts the tokens up to the one that completed it.
+
+    Decoding is incremental, as vLLM does it: each token decodes only a short window (the
+    tokens since the last piece, after those of the piece before, which give the tokenizer
+    the context it needs, e.g. for a leading space), not the whole output again. A piece that
+    ends in a partial character (U+FFFD from an incomplete byte sequence) waits for the
+    next token."""
 
     def __init__(self, tokenizer, stop=()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.tokens: list[int] = []
-        self.emitted = 0              # characters of the decoded text already returned
+        self.emitted = 0              # characters of the text already returned
         self.text = ""                # decoded text, cut before a stop string once found
         self.stopped = False
         self.tokens_used = 0
+        self._prefix = 0              # tokens[_prefix:_read]: the last piece, context of the next
+        self._read = 0                # tokens before this one are in ``text``
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, final: bool = False) -> None:
+        """Append the text of the tokens not yet in ``text``: what tokens[_prefix:] decodes to
+        beyond tokens[_prefix:_read]."""
+        before = self._decode(self.tokens[self._prefix:self._read])
+        after = self._decode(self.tokens[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
 
     def push(self, ids) -> str:
         if self.stopped:
             return ""
         for tok in ids:
             self.tokens.append(int(tok))
-            self.text = self._decode()
+            self._advance()
             if self.stop:
                 # a stop string can only newly appear near the end: search from where it could start
                 start = max(0, self.emitted - max(map(len, self.stop)))
@@ -130,16 +148,14 @@ class TextStream:
         return self._take(self._safe_end())
 
     def close(self) -> str:
-        """The text not yet returned (the generation is over)."""
+        """The text not yet returned (the generation is over): a partial character too."""
+        if not self.stopped:
+            self._advance(final=True)
         return self._take(len(self.text))
 
     def _safe_end(self) -> int:
-        """How far the text may be shown: not a trailing partial character (U+FFFD from an
-        incomplete byte sequence), nor a tail that may be the start of a stop string."""
-        end = len(self.text)
-        while end > self.emitted and self.text[end - 1] == "\ufffd":
-            end -= 1
-        hold = 0
+        """How far the text may be shown: not a tail that may be the start of a stop string."""
+        end, hold = len(self.text), 0
         for s in self.stop:
             for k in range(min(len(s) - 1, end - self.emitted), hold, -1):
                 if self.text[end - k:end] == s[:k]:
