@@ -97,17 +97,38 @@ ALLOWED_UP_KINDS = ("open", "handoff", "reply", "close", "error")
 
 
 def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...] = (),
-                 allowed_kinds=ALLOWED_UP_KINDS) -> list[str]:
+                 allowed_kinds=ALLOWED_UP_KINDS, private=(), token_ids=()) -> list[str]:
     """Check raw cloud-bound frames; returns a list of violations (empty: clean).
 
     Every frame must be of an allowed kind; every tensor record in it a float activation
     (or its int8 quantization) of ``rank`` or ``hidden`` columns; no string beyond the
     protocol's own (geometry target names, error codes); and none of the ``forbidden``
     byte strings (e.g. the prompt's text, M's raw bytes) may appear anywhere in the bytes.
+
+    By value: every tensor record is decoded (any wire dtype, with the codec's own
+    ``unpack_tensor``) and no row may equal a nonzero row or column of one of the
+    ``private`` matrices (the M's) or carry the ``token_ids`` (tensors of ids, labels) by
+    value: the rule of ``privacy.ValueIndex``, the wire encoder's own, with twice the
+    tolerance for int8 records (a bf16 M, then quantized), whose rows within a quantization
+    step of integers are read as integers (token ids up to ~60 survive int8 exactly).
     """
     import msgpack
+    import torch
 
     from privatelora import wire
+    from privatelora.privacy import ValueIndex
+    from privatelora.wire.schema import UP, FrameContext
+    from privatelora.wire.tensors import unpack_tensor
+    private, token_ids = list(private), list(token_ids)
+    by_value = bool(private or token_ids)
+    indexes: dict[bool, ValueIndex] = {}     # int8 record? -> index
+
+    def value_hit(code, x):
+        int8 = code == wire.DTYPE_CODES["int8"]
+        if int8 not in indexes:
+            indexes[int8] = ValueIndex(private, token_ids, slack=2.0 if int8 else 1.0, int8=int8)
+        return indexes[int8].hit(x)
+
     bad = []
     for n, frame in enumerate(frames):
         frame = bytes(frame)
@@ -136,6 +157,18 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
                     bad.append(f"frame {n}: {key} has dtype code {code}")
                 if cols not in (rank, hidden):
                     bad.append(f"frame {n}: {key} is [{rows}, {cols}], neither rank {rank} nor hidden {hidden}")
+                if not by_value or code not in wire.CODE_DTYPES:
+                    continue
+                try:
+                    ts = unpack_tensor(FrameContext(UP, None), value, count, cols, max(rows, 1), str(key), None)
+                except wire.WireError as e:
+                    bad.append(f"frame {n}: {key} is not a readable tensor record ({e.code})")
+                    continue
+                hit = value_hit(code, torch.stack(ts).numpy().reshape(-1, cols))
+                if hit is not None:
+                    i, j = divmod(hit[0], rows)
+                    name = f"{key}[{i}]" if count > 1 else str(key)
+                    bad.append(f"frame {n}: {name} row {j} equals {hit[1]}")
             elif isinstance(value, str) and hdr.kind != "error":
                 bad.append(f"frame {n}: {key} carries a string")
     return bad

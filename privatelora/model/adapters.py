@@ -19,7 +19,7 @@ import torch
 
 from privatelora.config import PROJECTIONS, PrivateLoRAConfig, PrivateLoRAError
 from privatelora.model.projections import PROJECTION_SCHEME
-from privatelora.privacy import PRIVATE_PREFIX, mark_private
+from privatelora.privacy import PRIVATE_PREFIX, mark_private, register_private_matrix
 
 ADAPTER_FORMAT = "privatelora-adapter"
 ADAPTER_VERSION = 1
@@ -42,10 +42,12 @@ class PrivateAdapter:
         self.fingerprint = fingerprint
         self.layers = cfg.adapted(n_layers)       # the placement: layers that carry M
         self.M: dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            for t in cfg.targets:
-                self.M[m_name(layer, t)] = mark_private(
-                    torch.zeros(cfg.rank, cfg.rank, dtype=cfg.torch_dtype, device=device))
+        # every M is a view of one buffer: views share one version counter, so the value
+        # registry (privacy.py) sees any in-place change of any M by reading one counter
+        names = [m_name(layer, t) for layer in self.layers for t in cfg.targets]
+        self._buffer = mark_private(torch.zeros(len(names), cfg.rank, cfg.rank, dtype=cfg.torch_dtype, device=device))
+        for name, m in zip(names, self._buffer.unbind(0)):
+            self.M[name] = register_private_matrix(mark_private(m), name)
 
     def get(self, layer: int, target: str) -> torch.Tensor:
         return self.M[m_name(layer, target)]

@@ -18,7 +18,7 @@ from privatelora.config import PrivateLoRAConfig, PrivateLoRAError
 from privatelora.model.adapters import PrivateAdapter
 from privatelora.model.block import KVCache, LayerWeights, Segment, attend, finish_layer, rms_norm, rope_tables
 from privatelora.model.projections import PublicProjections, hf_weights
-from privatelora.privacy import mark_private
+from privatelora.privacy import mark_private, register_private_tokens
 from privatelora.runtime.accounting import CommStats
 from privatelora.runtime.messages import Activations, Handoff, Reply
 
@@ -109,6 +109,7 @@ class DeviceSession:
         self.caches = {i: KVCache() for i in part.local}
         self.comm = CommStats(bytes_per_number=bytes_per_number)
         self._inflight: int | None = None               # tokens of the step in flight
+        self._private_ids: list[torch.Tensor] = []      # every id handed in, registered by value
 
     def hand_in(self, ids, want_all: bool = False) -> Handoff:
         """Embed ``ids`` (and run the head layers) into the hand-off that enters the cloud."""
@@ -119,7 +120,8 @@ class DeviceSession:
             raise PrivateLoRAError("a step is already in flight for this session")
         if int(ids.min()) < 0 or int(ids.max()) >= self.part.vocab:
             raise PrivateLoRAError(f"token id out of range for a vocabulary of {self.part.vocab}")
-        mark_private(ids)
+        # tagged, and registered by value (privacy.py) for as long as the session lives
+        self._private_ids.append(register_private_tokens(mark_private(ids)))
         x = F.embedding(ids, self.part.embed)
         seg = Segment(self.pos, ids.numel())
         with torch.no_grad():

@@ -14,7 +14,7 @@ from privatelora.config import PrivateLoRAError
 from privatelora.model.adapters import m_name
 from privatelora.model.block import finish_layer, rms_norm
 from privatelora.model.projections import PublicProjections, hf_weights
-from privatelora.privacy import mark_private
+from privatelora.privacy import mark_private, register_private_tokens
 from privatelora.runtime.messages import Activations, Error, Handoff, Reply
 from privatelora.runtime.train_messages import (
     GradActivations,
@@ -54,8 +54,10 @@ class TrainStep:
         if min(self.lengths) < 1 or [len(s) for s in labels] != self.lengths:
             raise PrivateLoRAError("every sequence needs >= 1 token and as many labels")
         dev = part.embed.device
-        self.ids = mark_private(torch.as_tensor([i for s in inputs for i in s], dtype=torch.long, device=dev))
-        self.labels = mark_private(torch.as_tensor([i for s in labels for i in s], dtype=torch.long, device=dev))
+        self.ids = register_private_tokens(mark_private(
+            torch.as_tensor([i for s in inputs for i in s], dtype=torch.long, device=dev)))
+        self.labels = register_private_tokens(mark_private(
+            torch.as_tensor([i for s in labels for i in s], dtype=torch.long, device=dev)))
         if int(self.ids.min()) < 0 or int(self.ids.max()) >= part.vocab:
             raise PrivateLoRAError(f"token id out of range for a vocabulary of {part.vocab}")
         self.tokens = int((self.labels != IGNORE).sum())          # label tokens of this step

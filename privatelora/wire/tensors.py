@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privatelora.privacy import is_private
+from privatelora.privacy import is_private, private_hit
 from privatelora.wire.errors import GeometryError, PrivacyError, SchemaError
 from privatelora.wire.schema import DTYPES, MAX_TARGETS, UP, FrameContext
 
@@ -24,8 +24,10 @@ _NP_WIRE = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2", "int8": "i1"}
 
 
 def _check_out(ctx: FrameContext, t: Any, cols: int | None, max_rows: int, what) -> None:
-    """Refuse, before encoding, anything that is not a float [n, cols] activation.
-    ``what``: the field's name, or a callable giving it (built only for an error)."""
+    """Refuse, before encoding, anything that is not a float [n, cols] activation, and (up)
+    a tensor tagged private or a view of one; ``pack_group`` then refuses (up) a tensor
+    whose values are private (``_check_values``). ``what``: the field's name, or a callable
+    giving it (built only for an error)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 \
             or (ctx.direction == UP and (is_private(t) or (t._base is not None and is_private(t._base)))) \
             or not 1 <= t.shape[0] <= max_rows or (cols is not None and t.shape[1] != cols):
@@ -125,4 +127,20 @@ def pack_group(ctx, ts, count, cols, max_rows, what) -> list:
     if len({t.shape for t in ts}) != 1:
         raise err("bad_shape", f"{what} tensors must share one shape")
     # one stack and one conversion for the group: per-tensor conversions cost ~5 us each
-    return pack_tensor(ctx, _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None]), what)
+    x = _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None])
+    record = pack_tensor(ctx, x, what)               # refuses NaN/inf first
+    if ctx.direction == UP:
+        _check_values(x, what)
+    return record
+
+
+def _check_values(x: np.ndarray, what: str) -> None:
+    """The by-value half of ``_check_out`` (up): refuse a tensor whose rows carry registered
+    private values, whatever the object (``M.clone()``, ``M.T``, ``M.half()``, another
+    layer's M, ``ids.float()``): ``privacy.private_hit``. Run on the group's float32 stack,
+    before any wire rounding."""
+    hit = private_hit(x.reshape(-1, x.shape[2]))
+    if hit is not None:
+        i, j = divmod(hit[0], x.shape[1])
+        name = f"{what}[{i}]" if x.shape[0] > 1 else what
+        raise PrivacyError("private_value", f"{name} row {j} equals {hit[1]}: private values stay on the device")
