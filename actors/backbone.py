@@ -1,8 +1,9 @@
 """The backbone replica actor: one cloud part and its TCP endpoint.
 
-A plain class, made remote by ``actors.pool``. It loads the backbone (on the GPU when Ray
-gives it one), starts a ``CloudEndpoint`` inside the actor's own event loop and reports
-its address. Devices talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
+A plain class, made remote by ``actors.pool``. It loads only the decoder layers the cloud
+runs (``privatelora.api.load_cloud_backbone``: no embedding, final norm, LM head or device
+layers; on the GPU when Ray gives it one), starts a ``CloudEndpoint`` inside the actor's
+own event loop and reports its address. Devices talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
 starts, places, watches and stops it.
 
 Metrics (``privatelora.serving.metrics``, docs/metrics.md): with ``metrics_port`` set (0:
@@ -30,7 +31,9 @@ class BackboneReplica:
                  idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
                  cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False,
                  metrics_port: int | None = None, ray_metrics: bool = False, ray_metrics_period_s: float = 1.0,
-                 endpoint_options: dict | None = None):
+                 endpoint_options: dict | None = None, full_model: bool = False):
+        """``full_model``: benchmarks only (``bench throughput``'s HF comparison runs the whole
+        HF model, LM head included): load the full backbone instead of the cloud's layers."""
         import torch
 
         from privatelora.placement.checks import pin_to_cores
@@ -41,12 +44,19 @@ class BackboneReplica:
         self.replica_id = replica_id
         self.cfg = PrivateLoRAConfig(**cfg)
         from privatelora.runtime.cloud import CloudPart
-        from privatelora.model.loading import load_backbone
-        backbone = load_backbone(model, dtype=self.cfg.torch_dtype)
+        if full_model:
+            from privatelora.model.loading import load_backbone
+            backbone = load_backbone(model, dtype=self.cfg.torch_dtype)
+        else:
+            from privatelora.api import load_cloud_backbone
+            backbone = load_cloud_backbone(model, self.cfg)
         if torch.cuda.is_available():
-            backbone.model.to("cuda")
+            backbone.model.to("cuda")     # the cloud-only model has no meta tensor: it moves as it is
         self.fingerprint = backbone.fingerprint
-        self.backbone = backbone      # public weights; benchmarks run the plain forward on it
+        self.full_model = full_model
+        # the cloud's public layers (the whole model only with full_model); ``limit`` runs the
+        # plain forward over these layers
+        self.backbone = backbone
         self.cloud = CloudPart(backbone, self.cfg)     # the replica builds no device part at all
         self.max_sessions, self.idle_timeout_s, self.gather_s = max_sessions, idle_timeout_s, gather_s
         self.host, self.port = host, port
@@ -138,6 +148,8 @@ class BackboneReplica:
         from privatelora.bench.throughput import hf_decode, limit_decode
         model = self.backbone.model
         if hf:
+            if not self.full_model:
+                raise RuntimeError("the HF forward needs the whole model: start the replica with full_model=True")
             return await self.endpoint._in_worker(hf_decode, model, users, prompt_tokens, new_tokens)
         out = await self.endpoint._in_worker(limit_decode, model, users, prompt_tokens, new_tokens,
                                              self.cloud.layer_ids)
@@ -183,6 +195,13 @@ class BackboneReplica:
         from privatelora.placement.checks import private_paths
         bad, n = private_paths(self, "replica")
         return {"tensors": n, "private": bad, "sessions": len(self.cloud.sessions)}
+
+    async def public_tensor_report(self, forbidden: dict | None = None) -> dict:
+        """Walk this actor's whole state: every tensor it holds (path, shape, dtype, device)
+        and which ``forbidden`` tensors it equals by value (``placement.checks.tensor_report``),
+        for the check that a replica holds only the cloud's decoder layers."""
+        from privatelora.placement.checks import tensor_report
+        return tensor_report(self, "replica", forbidden)
 
     async def stop(self) -> None:
         if self.endpoint is not None:

@@ -7,6 +7,9 @@ nodes, plus a router, and creates edge actors pinned to edge nodes. It is what `
 Metrics are off unless asked: ``metrics_port`` (an int; 0: any free port) has replica i
 serve ``/metrics`` on ``metrics_port + i``; ``ray_metrics`` exports them through Ray's
 metrics agent too. ``serve`` turns both on by default (docs/metrics.md).
+
+Replicas load only the cloud's decoder layers; ``full_model=True`` (``bench throughput``'s
+HF comparison only) has them load the whole backbone.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Pool:
                  host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
                  gather_s: float = 0.01, record_frames: bool = False, metrics_port: int | None = None,
                  ray_metrics: bool = False, max_restarts: int = 3, endpoint_options: dict | None = None,
-                 watch_period_s: float = 0.5):
+                 watch_period_s: float = 0.5, full_model: bool = False):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.model = model
@@ -58,7 +61,7 @@ class Pool:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(watch_period_s=watch_period_s)
         self._replica_kw = dict(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, gather_s=gather_s,
                                 record_frames=record_frames, endpoint_options=endpoint_options,
-                                ray_metrics=ray_metrics)
+                                ray_metrics=ray_metrics, full_model=full_model)
         self.replica_cpus, self.max_restarts, self.host, self.timeout_s = replica_cpus, max_restarts, host, timeout_s
         self.port, self.metrics_port = port, metrics_port
         self.groups: dict[int, object] = {}

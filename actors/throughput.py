@@ -4,8 +4,12 @@ One backbone replica (pinned to the first core when the machine has two or more,
 device work never steals the cloud's CPU) and N edge actors (pinned to the other cores)
 over the TCP transport. For each user count B, in this order, on the same warm replica:
 
-1. limit: ``BackboneReplica.limit`` runs the plain batched forward of B sequences on the
-   replica's own worker thread (``privatelora.bench.throughput.limit_decode``);
+1. limit: ``BackboneReplica.limit`` runs the plain batched forward of B sequences through
+   the cloud's decoder layers on the replica's own worker thread
+   (``privatelora.bench.throughput.limit_decode``; embedding and LM head are not part of
+   what is compared). The HF reference (on unless ``--no-hf``) runs HF's whole model, so
+   for it, and only for it, the benchmark's replica loads the full backbone
+   (``Pool(full_model=True)``); every other replica holds only the cloud's layers;
 2. ours: B edge actors decode together, the scheduler batching their stages;
 3. paper-style: the same B actors with ``max_batch=1`` and no gathering: every stage
    runs alone, as the paper's reference code serves one device at a time.
@@ -117,7 +121,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
     say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
         if address in (None, "local") else f"joining {address}")
     join_cluster(address)
-    pool = Pool(model, cfg, replicas=1, pin_cores=True, gather_s=gather_ms / 1000)   # pins where 2+ cores
+    pool = Pool(model, cfg, replicas=1, pin_cores=True, gather_s=gather_ms / 1000,   # pins where 2+ cores
+                full_model=hf)       # HF's forward needs the whole model; the limit, the cloud's layers
     try:
         info = pool.infos[0]
         say(f"backbone replica up ({len(info['layers'])} cloud layers, cores {pool.cloud_cores or 'all'}); "

@@ -172,3 +172,22 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
             elif isinstance(value, str) and hdr.kind != "error":
                 bad.append(f"frame {n}: {key} carries a string")
     return bad
+
+
+def tensor_report(obj, path: str = "obj", forbidden: dict | None = None) -> dict:
+    """Every tensor reachable from ``obj``'s state (``walk_tensors``): its path, shape,
+    dtype and device, and which of the ``forbidden`` tensors (name -> tensor, e.g. a
+    checkpoint's embedding) it equals by value. A deployed cloud process's report must name
+    no embedding, final norm or LM head, by path, by shape or by value."""
+    import torch
+    forbidden = forbidden or {}
+    tensors = []
+    for p, t in walk_tensors(obj, path):
+        equal = []
+        if t.device.type != "meta":
+            for name, f in forbidden.items():
+                if tuple(t.shape) == tuple(f.shape) and torch.equal(t.detach().cpu().to(f.dtype), f):
+                    equal.append(name)
+        tensors.append({"path": p, "shape": list(t.shape), "dtype": str(t.dtype), "device": t.device.type,
+                        "bytes": 0 if t.device.type == "meta" else t.numel() * t.element_size(), "equals": equal})
+    return {"tensors": tensors, "count": len(tensors), "bytes": sum(t["bytes"] for t in tensors)}

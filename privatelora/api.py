@@ -4,7 +4,12 @@
 in-memory ``PrivateAdapter`` or none = M at zero) and returns both parts. When an adapter
 file is given, its recorded rank/targets/shared_a/seed win; ``cfg`` supplies placement.
 ``build_device`` builds the device part alone, reading from a checkpoint only the
-tensors a device holds.
+tensors a device holds. ``load_cloud_backbone`` loads what a cloud holds, only the
+decoder layers it runs: what ``privatelora cloud`` and every ``serve`` replica load.
+
+``build_split`` keeps one full backbone shared by both parts: it is for processes that
+play device and cloud at once (``generate``, ``demo``, the API's in-process cloud, ``tune``
+without ``--connect``, tests and benchmarks), never for a deployed cloud.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 from privatelora.config import PrivateLoRAConfig
 from privatelora.model.adapters import PrivateAdapter, config_from_adapter, load_adapter
-from privatelora.model.loading import Backbone, load_backbone
+from privatelora.model.loading import Backbone, load_backbone, load_cloud_layers
 from privatelora.runtime.cloud import CloudPart
 from privatelora.runtime.device import DevicePart
 
@@ -66,6 +71,17 @@ def load_device_backbone(model, cfg: PrivateLoRAConfig) -> Backbone:
         n = AutoConfig.from_pretrained(model, local_files_only=True).num_hidden_layers
         return load_backbone(model, dtype=cfg.torch_dtype, layers=device_layers(cfg, n))
     return load_backbone(model, dtype=cfg.torch_dtype)
+
+
+def load_cloud_backbone(model, cfg: PrivateLoRAConfig) -> Backbone:
+    """The backbone as a cloud process loads it: only the decoder layers the cloud runs
+    (``cfg.cloud_layers(n)``); no embedding, final norm, LM head, device head/tail layers
+    or tokenizer, not even as meta tensors (``loading.load_cloud_layers``). ``tiny`` and
+    checkpoint directories are read layer by layer from their safetensors; the
+    fingerprint is the full model's, so adapters and the Open handshake still match.
+    An in-memory model object (tests, benchmarks' geometry models) is kept whole and
+    unchanged: the caller shares it with an in-process device."""
+    return load_cloud_layers(model, cfg.cloud_layers, dtype=cfg.torch_dtype)
 
 
 def build_device(model="tiny", cfg: PrivateLoRAConfig | None = None, adapter=None) -> DevicePart:

@@ -107,6 +107,47 @@ def test_cloud_receives_only_low_rank_activations_and_holds_nothing_private(syst
     assert report["tensors"] > 50 and report["private"] == []
 
 
+def test_the_replica_holds_only_the_clouds_decoder_layers_and_still_serves(system, tiny):
+    """The live replica actor's whole state: the cloud's decoder layers, A, B and rotary
+    tables; no embedding, final norm or LM head, by name, by shape or by value (the
+    checkpoint's own tensors, read here from its safetensors), and no meta tensor."""
+    from safetensors import safe_open
+
+    from privatelora.model.zoo import SHIPPED
+    pool, edges = system
+    replica = pool.replicas[0]
+    with safe_open(SHIPPED / "model.safetensors", "pt") as sf:
+        forbidden = {k: sf.get_tensor(k) for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
+    report = ray.get(replica.public_tensor_report.remote(forbidden), timeout=120)
+    tensors = report["tensors"]
+    v, d = tiny.config.vocab_size, tiny.config.hidden_size
+    assert report["count"] > 50           # the walk reached the model, the cloud part and its projections
+    layers = set(CFG.cloud_layers(tiny.n_layers))
+    held = {int(t["path"].split("model.layers.")[1].split(".")[0]) for t in tensors if "model.layers." in t["path"]}
+    assert held == layers
+    assert [t["path"] for t in tensors if any(s in t["path"] for s in ("embed", "lm_head", "model.norm"))] == []
+    assert [t["path"] for t in tensors if tuple(t["shape"]) in ((v, d), (d, v))] == []
+    assert [(t["path"], t["equals"]) for t in tensors if t["equals"]] == []
+    assert [t["path"] for t in tensors if t["device"] == "meta"] == []
+    # the check bites: handed the replica's own first layer norm, it finds it by value
+    first = min(layers)
+    ln = ray.get(replica.public_tensor_report.remote(
+        {"ln": _layer_tensor(f"model.layers.{first}.input_layernorm.weight")}), timeout=120)
+    assert any(t["equals"] == ["ln"] for t in ln["tensors"])
+    # and it serves: a user's generation equals the monolithic model's
+    r = ray.get(edges[2].generate.remote(PROMPTS[2], max_new_tokens=6), timeout=120)
+    eos = tiny.tokenizer.eos_token_id
+    assert r["tokens"] == _reference(tiny, 2, PROMPTS[2], SamplingParams(max_new_tokens=6, stop_ids=(eos,)))
+
+
+def _layer_tensor(name):
+    from safetensors import safe_open
+
+    from privatelora.model.zoo import SHIPPED
+    with safe_open(SHIPPED / "model.safetensors", "pt") as sf:
+        return sf.get_tensor(name)
+
+
 def test_edge_actor_refuses_a_cloud_only_node(system):
     pool, _ = system
     cloud_node = [n for n in nodes_with(CLOUD) if n not in nodes_with(EDGE)][0]

@@ -40,7 +40,7 @@ def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_i
     layers = [LayerWeights.from_hf(model.model.layers[i], cfg, i) for i in ids]
     lw0 = layers[0]
     H, KV, hd = lw0.n_heads, lw0.n_kv, lw0.head_dim
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = lw0.wq.dtype                  # a cloud-only model has no embedding to ask
     total = prompt_tokens + new_tokens
     g = torch.Generator().manual_seed(seed)
     kc = [torch.zeros(users, KV, total, hd, dtype=dtype) for _ in layers]

@@ -33,7 +33,11 @@ def _tls_server_kw(args) -> dict:
 
 
 def cmd_cloud(args) -> dict:
-    from privatelora.api import build_split
+    """A deployable cloud: it loads only the decoder layers it runs (``load_cloud_backbone``:
+    no embedding, final norm, LM head or device layers), and training steps (``tune
+    --connect``) run on the same cloud part."""
+    from privatelora.api import load_cloud_backbone
+    from privatelora.runtime.cloud import CloudPart
     from privatelora.serving.endpoint import CloudEndpoint
     from privatelora.transport import TLSRequiredError
 
@@ -45,8 +49,10 @@ def cmd_cloud(args) -> dict:
         metrics = Metrics()
         metrics.serve(args.metrics_port, args.host)     # a port in use: MetricsPortError, one line, exit 2
     try:
-        split = build_split(args.model, _cfg(args))
-        ep = CloudEndpoint(split.cloud, args.host, args.port, max_sessions=args.max_sessions,
+        cfg = _cfg(args)
+        backbone = load_cloud_backbone(args.model, cfg)
+        cloud = CloudPart(backbone, cfg)
+        ep = CloudEndpoint(cloud, args.host, args.port, max_sessions=args.max_sessions,
                            idle_timeout_s=args.idle_timeout, **endpoint_bounds(args), **_tls_server_kw(args))
     except BaseException as e:
         if metrics is not None:
@@ -60,16 +66,16 @@ def cmd_cloud(args) -> dict:
     async def main():
         await ep.start()
         host, port = ep.address
-        ready = {"event": "listening", "host": host, "port": port, "model": split.backbone.name,
-                 "fingerprint": split.backbone.fingerprint, "layers": split.cloud.layer_ids, "adapted_layers": split.cloud.exchange_ids,
+        ready = {"event": "listening", "host": host, "port": port, "model": backbone.name,
+                 "fingerprint": backbone.fingerprint, "layers": cloud.layer_ids, "adapted_layers": cloud.exchange_ids,
                  "tls": ep.server.ssl_context is not None}
         if metrics is not None:
             ready["metrics"] = _serve_metrics(args, metrics)
         if args.json:
             print(json.dumps(ready), flush=True)
         else:
-            print(f"[cloud] {split.backbone.name}: layers {split.cloud.layer_ids[0]}-{split.cloud.layer_ids[-1]}, "
-                  f"rank {split.cfg.rank}, listening on {host}:{port}{' (TLS)' if ready['tls'] else ''}",
+            print(f"[cloud] {backbone.name}: layers {cloud.layer_ids[0]}-{cloud.layer_ids[-1]}, "
+                  f"rank {cfg.rank}, listening on {host}:{port}{' (TLS)' if ready['tls'] else ''}",
                   file=sys.stderr, flush=True)
             if metrics is not None:
                 print(f"[cloud] metrics on http://{ready['metrics']}/metrics", file=sys.stderr, flush=True)
@@ -191,7 +197,8 @@ def print_edge(res):
 
 def add_commands(sub, add_split_args, positive):
     c = sub.add_parser("cloud", help="serve a backbone's cloud part over TCP in this process (no Ray)",
-                       description="Single-process cloud endpoint: loads the backbone, keeps per-session KV "
+                       description="Single-process cloud endpoint: loads only the decoder layers it runs (no "
+                       "embedding, final norm or LM head), keeps per-session KV "
                        "caches, batches every session's stages. Stops cleanly on Ctrl-C / SIGTERM. Off loopback "
                        "it requires TLS (--tls-cert/--tls-key).")
     add_split_args(c, with_adapter=False)

@@ -35,6 +35,8 @@ def _check_settings(args, max_positions: int) -> None:
 
 
 def cmd_tune(args) -> dict:
+    """Tune M. In process, device and cloud share this process and one full backbone; with
+    ``--connect`` the cloud is a ``privatelora cloud`` holding only its decoder layers."""
     from privatelora.cli.common import split_config
     from privatelora.model.adapters import save_adapter
     from privatelora.model.loading import load_backbone

@@ -10,6 +10,12 @@ checkpoint: embedding, final norm, LM head and the decoder layers ``ids`` (none 
 reference design); the other layers stay on the meta device, never read. The
 fingerprint is the same as the full model's (computed from the files, one tensor at a
 time), so adapter files still check against it.
+
+``load_cloud_layers(spec, layers_of)`` is the cloud's counterpart: from ``tiny`` or a
+checkpoint directory it reads only the decoder layers ``layers_of(n_layers)`` and keeps
+nothing else: the embedding, final norm and LM head are removed from the model (``None``)
+and every other decoder layer is an empty ``DroppedLayer``, so the model holds no meta
+tensor either and moves to a GPU as it is. Same fingerprint as the full model's.
 """
 
 from __future__ import annotations
@@ -119,15 +125,16 @@ def _weight_files(path: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def _load_device_only(path: Path, config, layers, dtype: torch.dtype):
-    """The HF model with only the embedding, final norm, LM head and ``layers`` loaded;
-    None when the checkpoint is not in safetensors (the caller loads everything)."""
+def _load_prefixes(path: Path, config, keep: tuple[str, ...], dtype: torch.dtype, who: str):
+    """The HF model built on the meta device with only the checkpoint's tensors whose names
+    start with ``keep`` read and assigned (the rest stay on meta, never read), its rotary
+    embedding rebuilt off meta, and the fingerprint of the whole checkpoint; (None, None)
+    when the checkpoint is not in safetensors (the caller loads everything)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     files = _weight_files(path)
     if not files:
         return None, None
-    keep = ("model.embed_tokens.", "model.norm.", "lm_head.") + tuple(f"model.layers.{i}." for i in layers)
     state = {}
     for f in files:
         with safe_open(f, "pt") as sf:
@@ -138,13 +145,108 @@ def _load_device_only(path: Path, config, layers, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied and "lm_head.weight" not in state:
+    if tied and "lm_head.weight".startswith(keep) and "lm_head.weight" not in state:
         model.lm_head.weight = model.model.embed_tokens.weight
     need = [k for k in missing if k.startswith(keep) and not (tied and k == "lm_head.weight")]
     if need:
-        raise ModelLoadError(f"{path} lacks tensors the device needs: {', '.join(need[:3])}")
+        raise ModelLoadError(f"{path} lacks tensors the {who} needs: {', '.join(need[:3])}")
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)   # its buffers were on meta
     return model, _fingerprint_files(config, files, tied, dtype)
+
+
+def _load_device_only(path: Path, config, layers, dtype: torch.dtype):
+    """The HF model with only the embedding, final norm, LM head and ``layers`` loaded;
+    None when the checkpoint is not in safetensors (the caller loads everything)."""
+    keep = ("model.embed_tokens.", "model.norm.", "lm_head.") + tuple(f"model.layers.{i}." for i in layers)
+    return _load_prefixes(path, config, keep, dtype, "device")
+
+
+class DroppedLayer(torch.nn.Module):
+    """Stands in for a decoder layer this process does not hold (no tensors at all)."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.index} is not held in this process")
+
+
+def keep_only_layers(model, layers) -> Any:
+    """Strip ``model`` down to its decoder layers ``layers`` (and the rotary embedding):
+    embedding, final norm and LM head become ``None``, every other layer a tensorless
+    ``DroppedLayer``. Layer indices are kept, so ``model.model.layers[i]`` still works for
+    the kept ones; the model can no longer run its own forward."""
+    keep = set(layers)
+    inner = model.model
+    inner.embed_tokens = None
+    inner.norm = None
+    model.lm_head = None
+    for i in range(len(inner.layers)):
+        if i not in keep:
+            inner.layers[i] = DroppedLayer(i)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ModelLoadError(f"tensors left unloaded: {', '.join(left[:3])}")
+    return model
+
+
+def _checkpoint_config(spec: str):
+    """(path, config) of a local checkpoint directory; ModelLoadError when it is not one."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {spec!r} is not a directory (give a local HF checkpoint or 'tiny')")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{spec!r} has no config.json: not a Hugging Face checkpoint directory")
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - HF raises many types for bad files
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
+    check_supported(config)
+    return path, config
+
+
+def load_cloud_layers(spec, layers_of, dtype: torch.dtype = torch.float32) -> Backbone:
+    """The backbone as a cloud process holds it: only the decoder layers
+    ``layers_of(n_layers)`` (``keep_only_layers``), no tokenizer.
+
+    ``tiny`` and checkpoint directories in safetensors are read tensor by tensor: nothing
+    but those layers is ever read. A checkpoint without safetensors, or a ``tiny-<family>``
+    random model (built in memory from its seed), is loaded whole, fingerprinted, then
+    stripped. The fingerprint is always the full model's. An in-memory model object is
+    returned whole and unchanged (tests and benchmarks share it with an in-process device).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return load_backbone(spec, dtype=dtype)
+    spec = str(spec)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if spec.startswith("tiny-"):
+        bb = load_backbone(spec, dtype=dtype)
+        keep_only_layers(bb.model, layers_of(bb.n_layers))
+        return Backbone(bb.model, None, bb.fingerprint, bb.name)
+    if spec == "tiny":
+        from privatelora.model.zoo import SHIPPED, load_tiny
+        if not (SHIPPED / "config.json").is_file():
+            load_tiny("tiny")                 # raises its own clear error
+        path, config = _checkpoint_config(str(SHIPPED))
+        name = "tiny"
+    else:
+        path, config = _checkpoint_config(spec)
+        name = path.name
+    layers = list(layers_of(config.num_hidden_layers))
+    try:
+        model, fp = _load_prefixes(path, config, tuple(f"model.layers.{i}." for i in layers), dtype, "cloud")
+        if model is None:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            fp = fingerprint(model)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load weights from {spec!r}: {str(e).splitlines()[0]}") from e
+    return Backbone(_prepare(keep_only_layers(model, layers)), None, fp, name)
 
 
 def load_backbone(spec, dtype: torch.dtype = torch.float32, layers=None) -> Backbone:
@@ -160,17 +262,8 @@ def load_backbone(spec, dtype: torch.dtype = torch.float32, layers=None) -> Back
         model, tok = load_tiny(spec)
         model = _prepare(model.to(dtype))
         return Backbone(model, tok, fingerprint(model), spec)
-    path = Path(spec)
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {spec!r} is not a directory (give a local HF checkpoint or 'tiny')")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{spec!r} has no config.json: not a Hugging Face checkpoint directory")
-    from transformers import AutoConfig, AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - HF raises many types for bad files
-        raise ModelLoadError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
-    check_supported(config)
+    path, config = _checkpoint_config(spec)
+    from transformers import AutoModelForCausalLM
     if layers is not None:
         try:
             model, fp = _load_device_only(path, config, list(layers), dtype)
