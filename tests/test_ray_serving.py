@@ -99,10 +99,11 @@ def test_cloud_receives_only_low_rank_activations_and_holds_nothing_private(syst
     ids = tiny.tokenizer.encode(secret, add_special_tokens=False)
     forbidden = (secret.encode(), b"bank pin", m_bytes, struct.pack("<" + "q" * 4, *ids[:4]),
                  msgpack.packb(ids))
-    assert audit_frames(frames, hidden=tiny.config.hidden_size, rank=CFG.rank, forbidden=forbidden) == []
-    # the audit does catch a frame that carries text
-    assert audit_frames([frames[0] + secret.encode()], hidden=tiny.config.hidden_size, rank=CFG.rank,
-                        forbidden=(secret.encode(),))
+    ms = [M for _, M in adapter.named_parameters()]
+    geo = dict(hidden=tiny.config.hidden_size, rank=CFG.rank)
+    assert audit_frames(frames, **geo, forbidden=forbidden, private=ms, token_ids=[torch.tensor(ids)]) == []
+    # the audit does catch a frame that carries text (copies of M by value: tests/test_privacy_values.py)
+    assert audit_frames([frames[0] + secret.encode()], **geo, forbidden=(secret.encode(),))
     report = ray.get(replica.private_report.remote())
     assert report["tensors"] > 50 and report["private"] == []
 

@@ -231,17 +231,19 @@ def _batches(sequences, batch: int):
 
 
 def record_tuning(backbone, cfg: PrivateLoRAConfig, sequences, *, private_m: bool, seed: int = 0,
-                  scale: float = TUNED_SCALE, batch: int = 8) -> tuple[RecordingTrainer, list[torch.Tensor]]:
+                  scale: float = TUNED_SCALE, batch: int = 8, adapter=None) -> tuple[RecordingTrainer, list[torch.Tensor]]:
     """Real split training steps (``batch`` sequences each; inputs ``s[:-1]``, labels
-    ``s[1:]``) through a recording cloud: (the recording, the true labels of each step)."""
+    ``s[1:]``) through a recording cloud: (the recording, the true labels of each step).
+    ``adapter``: the victim's own ``PrivateAdapter`` (then ``private_m`` and ``scale`` are
+    not used)."""
     from privatelora.api import build_split
     from privatelora.training.device import TrainStep, run_step
 
     seqs = [list(map(int, s)) for s in sequences if len(s) >= 2]
     if not seqs:
         raise ValueError("the attack needs sequences of at least 2 tokens")
-    split = build_split(cfg=cfg, backbone=backbone)
-    if private_m:
+    split = build_split(cfg=cfg, backbone=backbone, adapter=adapter)
+    if private_m and adapter is None:
         split.adapter.randomize_(seed, scale=scale)
     rec = RecordingTrainer(CloudTrainer(split.cloud))
     truth = []
@@ -255,7 +257,7 @@ def record_tuning(backbone, cfg: PrivateLoRAConfig, sequences, *, private_m: boo
 
 
 def label_attack(backbone, cfg: PrivateLoRAConfig, sequences: list[list[int]], *, private_m: bool,
-                 seed: int = 0, public_ids=None, scale: float = TUNED_SCALE, batch: int = 8) -> dict:
+                 seed: int = 0, public_ids=None, scale: float = TUNED_SCALE, batch: int = 8, adapter=None) -> dict:
     """Split tuning steps over ``sequences`` (inputs ``s[:-1]``, labels ``s[1:]``, ``batch``
     sequences a step) with a recording cloud, then the label attack from its recording.
 
@@ -268,14 +270,15 @@ def label_attack(backbone, cfg: PrivateLoRAConfig, sequences: list[list[int]], *
     torch.set_num_threads(1)   # device and cloud share this process (bench.geometry.one_thread)
     try:
         return _label_attack(backbone, cfg, sequences, private_m=private_m, seed=seed,
-                             public_ids=public_ids, scale=scale, batch=batch)
+                             public_ids=public_ids, scale=scale, batch=batch, adapter=adapter)
     finally:
         torch.set_num_threads(threads)
 
 
-def _label_attack(backbone, cfg, sequences, *, private_m, seed, public_ids, scale, batch) -> dict:
+def _label_attack(backbone, cfg, sequences, *, private_m, seed, public_ids, scale, batch, adapter) -> dict:
     t0 = time.perf_counter()
-    rec, truth = record_tuning(backbone, cfg, sequences, private_m=private_m, seed=seed, scale=scale, batch=batch)
+    rec, truth = record_tuning(backbone, cfg, sequences, private_m=private_m, seed=seed, scale=scale, batch=batch,
+                               adapter=adapter)
     seqs = [s for s in sequences if len(s) >= 2]
     t_steps = time.perf_counter() - t0
 
