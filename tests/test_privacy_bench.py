@@ -99,3 +99,16 @@ def test_cli_refuses_unknown_configurations():
     r = subprocess.run([sys.executable, "-m", "privatelora.cli", "bench", "privacy", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--configs" in r.stdout and "noise8" in r.stdout
+
+
+def test_a_secret_start_changes_only_the_head_layers(tiny):
+    cfg = PrivateLoRAConfig()
+    base = PrivateAdapter(cfg, tiny.n_layers, tiny.fingerprint).randomize_(4, scale=0.5)
+    out = P.with_secret(base, tiny.n_layers, 1, 4.0, seed=9)
+    assert out is not base
+    for layer in base.layers:
+        for t in cfg.targets:
+            same = torch.equal(out.get(layer, t), base.get(layer, t))
+            assert same == (layer >= 1), (layer, t)
+    assert torch.equal(P.with_secret(base, tiny.n_layers, 1, 4.0, seed=9).get(0, "q"), out.get(0, "q"))
+    assert not torch.equal(P.with_secret(base, tiny.n_layers, 1, 4.0, seed=10).get(0, "q"), out.get(0, "q"))

@@ -17,6 +17,13 @@ token ids, no text of the user. It attacks:
 - **M**: least squares on the ``(A h, M A h)`` pairs, against the number of tokens seen;
 - **labels** in tuning: from the gradient sent up (``bench/privacy_labels.py``).
 
+Configurations (``SETTINGS``): device head or tail layers carrying the tuned M or M = 0;
+Gaussian noise at the cut (``DevicePart(cut_noise=σ)``, σ times each row's RMS); and device
+head layers whose M starts from a per-device secret random M and is then tuned on the
+user's text like the rest (the bench draws the secret from ``seed`` so runs repeat; a
+device would draw it from ``os.urandom``). Against the secret the attacker also trains an
+inverter on states made with secrets of its own (``inverter_secret_aware``).
+
 Each ``recovered`` is an exact-recovery rate (M: the share of M matrices recovered to a
 relative error below 1e-3) next to a no-traffic ``baseline`` (the attacker's best guess
 without traffic: its own text's most frequent token; M = 0). Each configuration also
@@ -51,6 +58,7 @@ class Setting:
     tail: int = 0                 # device tail layers
     private_m: bool = True        # the tuned M (False: M = 0, the layers are plain public ones)
     noise: float = 0.0            # cut noise (x RMS of each hand-off row)
+    secret: float = 0.0           # head layers' M start from a per-device secret random M of this scale (then tuned)
 
     @property
     def defence(self) -> str:
@@ -61,6 +69,8 @@ class Setting:
             parts.append(f"{self.tail} device tail layer{'s' if self.tail > 1 else ''}")
         if (self.head or self.tail):
             parts[-1] += " with private M" if self.private_m else ", M = 0"
+        if self.secret:
+            parts[-1] = parts[-1].replace("with private M", f"with private M tuned from a secret of scale {self.secret:g}")
         if self.noise:
             parts.append(f"cut noise {self.noise:g} x RMS")
         return " + ".join(parts) or "none"
@@ -75,6 +85,8 @@ SETTINGS = (
     Setting("noise0.5", noise=0.5), Setting("noise1", noise=1.0), Setting("noise2", noise=2.0),
     Setting("noise4", noise=4.0), Setting("noise8", noise=8.0),
     Setting("head2-noise1", head=2, noise=1.0),
+    Setting("head1-secret2", head=1, secret=2.0), Setting("head1-secret4", head=1, secret=4.0),
+    Setting("head2-secret4", head=2, secret=4.0),
 )
 QUICK = ("default", "head1", "tail1", "noise8")
 
@@ -97,9 +109,11 @@ def _progress(quiet: bool):
 
 
 # ---------------------------------------------------------------- the victim's traffic
-def record_traffic(bb, cfg: PrivateLoRAConfig, adapter, prompts, new_tokens: int, noise: float = 0.0) -> Traffic:
+def record_traffic(bb, cfg: PrivateLoRAConfig, adapter, prompts, new_tokens: int, noise: float = 0.0,
+                   noise_seed: int | None = None) -> Traffic:
     """Run greedy generations of ``prompts`` through a real split in process; record what
-    crosses the cut."""
+    crosses the cut. ``noise_seed`` seeds the device's cut noise (the bench's runs repeat;
+    a device seeds it from ``secrets``)."""
     from privatelora.model.sampling import SamplingParams
     from privatelora.runtime.cloud import CloudPart
     from privatelora.runtime.device import DevicePart
@@ -108,6 +122,8 @@ def record_traffic(bb, cfg: PrivateLoRAConfig, adapter, prompts, new_tokens: int
     from privatelora.runtime.runner import InProcessRunner
 
     device = DevicePart(bb, cfg, adapter, cut_noise=noise)
+    if noise_seed is not None:
+        device._noise.manual_seed(noise_seed)
     cloud = CloudPart(bb, cfg)
     tr = Traffic()
     sent_a: dict = {}
@@ -389,16 +405,32 @@ def seconds_per_token(bb, cfg, adapter, prompt, new_tokens: int, noise: float, r
     return statistics.median(total), statistics.median(dev)
 
 
+def with_secret(adapter, n_layers: int, head: int, scale: float, seed: int):
+    """A copy of ``adapter`` with a random M of ``scale`` (``randomize_``'s units) added in
+    the first ``head`` layers: a per-device secret the cloud cannot replay."""
+    from privatelora.model.adapters import PrivateAdapter, m_name
+    out = PrivateAdapter(adapter.cfg, n_layers, adapter.fingerprint)
+    g = torch.Generator().manual_seed(seed)
+    r = adapter.cfg.rank
+    with torch.no_grad():
+        for name, m in adapter.M.items():
+            out.M[name].copy_(m)
+        for layer in range(head):
+            for t in adapter.cfg.targets:
+                out.M[m_name(layer, t)].add_(torch.randn(r, r, generator=g) * scale / r ** 0.5)
+    return out
+
+
 # ---------------------------------------------------------------- the harness
-def tune_victim(bb, cfg, corpus, steps: int, quiet: bool):
+def tune_victim(bb, cfg, corpus, steps: int, quiet: bool, init=None):
     """The victim's private M: tuned through the split on its own text (bench tuning's
-    settings), as a user would."""
+    settings), as a user would, from zero or from ``init`` (an adapter it changes)."""
     from privatelora.api import build_split
     from privatelora.bench.tuning import default_lr
     from privatelora.training.baselines import PrivateLoRAMethod
     from privatelora.training.cloud import CloudTrainer
     from privatelora.training.loop import TrainSettings, progress_bar, train
-    split = build_split(cfg=cfg, backbone=bb)
+    split = build_split(cfg=cfg, backbone=bb, adapter=init)
     method = PrivateLoRAMethod(split.device, trainer=CloudTrainer(split.cloud))
     s = TrainSettings(steps=steps, batch=8, seq=128, lr=default_lr("privatelora", corpus.name), eval_every=0,
                       eval_tokens=2048)
@@ -453,13 +485,22 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
            "most_frequent_public_token": top_public, "results": [], "configs": []}
     inverters: dict = {}
 
-    def inverter(boundary: int, noise: float, outputs: bool = False):
-        key = (boundary, noise, outputs)
+    def inverter(boundary: int, noise: float, outputs: bool = False, secret: float = 0.0):
+        key = (boundary, noise, outputs, secret)
         if key not in inverters:
             say(f"training an inverter at layer {boundary} (noise {noise:g}) on {len(public_ids)} public tokens")
-            x, greedy = public_states(bb.model, public_ids, boundary)
+            if secret:   # the attacker knows the defence, not the secret: it trains on 4 secrets of its own
+                from privatelora.model.reference import merged_model
+                part = len(public_ids) // 4
+                xs = [public_states(merged_model(bb, with_secret(zero, n_layers, boundary, secret, seed + 7919 + k)),
+                                    public_ids[k * part:(k + 1) * part], boundary) for k in range(4)]
+                x, greedy = torch.cat([a for a, _ in xs]), torch.cat([b for _, b in xs])
+                ids_used = torch.cat([public_ids[k * part:(k + 1) * part][:a.shape[0]] for k, (a, _) in enumerate(xs)])
+            else:
+                x, greedy = public_states(bb.model, public_ids, boundary)
+                ids_used = public_ids[:x.shape[0]]
             # tokens: the token at the position; outputs: the public model's greedy next token
-            y = greedy if outputs else public_ids[:x.shape[0]]
+            y = greedy if outputs else ids_used
             inverters[key] = train_inverter(x, y, vocab, noise=noise, epochs=3 if quick else 5, seed=seed)
         return inverters[key]
 
@@ -477,7 +518,11 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
         say(f"{s.config}: {s.defence}")
         cfg = PrivateLoRAConfig(device_head_layers=s.head, device_tail_layers=s.tail)
         adapter = tuned if s.private_m else zero
-        tr = record_traffic(bb, cfg, adapter, victim_prompts, new_tokens, noise=s.noise)
+        if s.secret:   # a secret start the cloud cannot replay, then tuned on the victim's text like the rest
+            adapter = with_secret(zero, n_layers, s.head, s.secret, seed + 104729)   # seeded: runs repeat
+            if tune_steps:
+                adapter = tune_victim(bb, cfg, victim, tune_steps, quiet, init=adapter)
+        tr = record_traffic(bb, cfg, adapter, victim_prompts, new_tokens, noise=s.noise, noise_seed=seed)
         # tokens
         x, ids = _up_rows(tr)
         base_tok = float((ids == top_public).float().mean())
@@ -494,6 +539,9 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
             row(s, "tokens", "nearest_row", float((nearest_rows(x, embed) == ids).float().mean()), base_tok, len(ids))
         inv = inverter(s.head, s.noise)
         row(s, "tokens", "inverter", float((inv(x) == ids).float().mean()), base_tok, len(ids))
+        if s.secret:
+            inv = inverter(s.head, s.noise, secret=s.secret)
+            row(s, "tokens", "inverter_secret_aware", float((inv(x) == ids).float().mean()), base_tok, len(ids))
         # outputs
         xd, outs, full = _down_rows(tr)
         base_out = float((outs == top_public).float().mean())
@@ -532,8 +580,8 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
         # price
         say(f"{s.config}: perplexity and speed")
         ppl = heldout_ppl(bb, adapter, ppl_ids, cut_layer=s.head, noise=s.noise, seed=seed)
-        spt, dev = seconds_per_token(bb, cfg, adapter, speed_prompt, 16 if quick else 32, s.noise,
-                                     repeat=3 if quick else 5)
+        spt, dev = seconds_per_token(bb, cfg, adapter, speed_prompt, 16 if quick else 64, s.noise,
+                                     repeat=3 if quick else 9)
         if base_ppl is None:
             base_ppl, base_spt = ppl, dev
         out["configs"].append({"config": s.config, "defence": s.defence, "device_head_layers": s.head,
