@@ -49,10 +49,10 @@ def test_a_defence_recovers_fewer_tokens_at_a_measured_price(report):
     strongest = {(s["config"], s["signal"]): s["recovered"] for s in report["strongest"]}
     assert strongest[("noise8", "tokens")] < strongest[("default", "tokens")]
     by = {c["config"]: c for c in report["configs"]}
-    assert by["default"]["utility_cost"] == 0.0
-    assert by["noise8"]["heldout_ppl"] > by["default"]["heldout_ppl"]      # noise has a price
+    assert by["noise8"]["utility_cost"] > 0 and by["noise8"]["heldout_ppl"] > by["default"]["heldout_ppl"]
     for c in by.values():
-        assert c["device_ms_per_token"] > 0 and "speed_cost" in c
+        lo, hi = c["device_ms_range"]
+        assert 0 < lo <= c["device_ms_per_token"] <= hi and "speed_cost" in c
 
 
 def test_results_have_the_documented_shape(report):
@@ -68,17 +68,19 @@ def test_the_attacks_read_only_the_traffic(tiny):
     cfg = PrivateLoRAConfig()
     adapter = PrivateAdapter(cfg, tiny.n_layers, tiny.fingerprint).randomize_(3, scale=0.5)
     ids = [[5, 77, 301, 42, 9, 1200, 13, 640]]
-    tr = P.record_traffic(tiny, cfg, adapter, ids, new_tokens=4)
+    tr = P.record_traffic(tiny, cfg, adapter, ids, new_tokens=30)
     x, truth = P._up_rows(tr)
+    assert len(truth) >= 2 * cfg.rank
     embed = tiny.model.model.embed_tokens.weight
     assert torch.equal(P.nearest_rows(x, embed), truth)
     perm = torch.randperm(len(truth), generator=torch.Generator().manual_seed(0))
     assert (P.nearest_rows(x[perm], embed) == truth).float().mean() < 0.5
-    full = P.m_recovery(tr, adapter, [len(truth)])
-    assert full["curve"][-1]["recovered"] == 0.0          # 11 tokens < rank 16: not yet
-    for pairs in tr.pairs.values():                       # the replies with another M: nothing recovered
-        pairs[:] = [(a, m @ torch.randn(m.shape[1], m.shape[1])) for a, m in pairs]
-    assert all(e["recovered"] == 0.0 for e in P.m_recovery(tr, adapter, [len(truth)])["curve"])
+    curve = P.m_recovery(tr, adapter, [cfg.rank - 1, len(truth)])["curve"]
+    assert [c["recovered"] for c in curve] == [0.0, 1.0]    # underdetermined below r tokens, exact after
+    g = torch.Generator().manual_seed(1)
+    for pairs in tr.pairs.values():                          # replies made with another M: nothing recovered
+        pairs[:] = [(a, m @ torch.randn(m.shape[1], m.shape[1], generator=g)) for a, m in pairs]
+    assert P.m_recovery(tr, adapter, [len(truth)])["curve"][0]["recovered"] == 0.0
 
 
 def test_replay_search_recovers_tokens_through_public_device_layers(tiny):
@@ -96,6 +98,9 @@ def test_cli_refuses_unknown_configurations():
     r = subprocess.run([sys.executable, "-m", "privatelora.cli", "bench", "privacy", "--configs", "default,nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "unknown configuration" in r.stderr and "nope" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "privatelora.cli", "bench", "privacy", "--configs", ","],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "names no configuration" in r.stderr
     r = subprocess.run([sys.executable, "-m", "privatelora.cli", "bench", "privacy", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--configs" in r.stdout and "noise8" in r.stdout

@@ -34,7 +34,7 @@ class Cloud:
             self.reject_next_open = False
             raise RuntimeError("full")
         if isinstance(msg, Reply):
-            if msg.layer == 2 and msg.m[0][0, 0] == 999:
+            if msg.layer == 2 and msg.m[0][0, 0] == 999.5:
                 raise ValueError("boom")
             await conn.send(Activations(msg.session, msg.layer, (sum(msg.m),)))
         elif isinstance(msg, Handoff):
@@ -43,7 +43,8 @@ class Cloud:
 
 
 def reply(sess, value=1.0, n=1, layer=1):
-    return Reply(sess.id, layer, tuple(torch.full((n, 4), value * (i + 1)) for i in range(3)))
+    # activations are never all integers (an all-integer row is refused as token ids by value)
+    return Reply(sess.id, layer, tuple(torch.full((n, 4), (value + 0.125) * (i + 1)) for i in range(3)))
 
 
 async def exchange(sess, value=1.0):
@@ -51,7 +52,7 @@ async def exchange(sess, value=1.0):
     await sess.send(reply(sess, value))
     out = await sess.recv(timeout=5)
     assert isinstance(out, Activations), out
-    assert torch.allclose(out.a[0], torch.full((1, 4), 6.0 * value))
+    assert torch.allclose(out.a[0], torch.full((1, 4), 6.0 * (value + 0.125)))
     return out
 
 
@@ -192,7 +193,7 @@ def test_handler_errors_and_rejections_do_not_kill_the_server():
             await c.open(G)
         assert e.value.code == "rejected"
         s = await c.open(G)
-        await s.send(Reply(s.id, 2, tuple(torch.full((1, 4), 999.0) for _ in range(3))))
+        await s.send(Reply(s.id, 2, tuple(torch.full((1, 4), 999.5) for _ in range(3))))
         err = await s.recv(5)
         assert err.code == "handler_error" and srv.handler_errors["ValueError"] == 1
         await exchange(s)

@@ -45,10 +45,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from privatelora.bench.privacy_attacks import (  # noqa: F401  (re-exported: the harness's API)
+    M_TOL,
+    PublicLayers,
+    m_recovery,
+    nearest_rows,
+    public_states,
+    train_inverter,
+    with_secret,
+)
 from privatelora.config import PrivateLoRAConfig
 
 VICTIM_TEXT, PUBLIC_TEXT = "sonnets", "paradise_lost"
-M_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -180,170 +188,6 @@ def _down_rows(tr: Traffic):
     return (torch.stack(xs).float() if xs else torch.zeros(0)), torch.tensor(ys), full
 
 
-# ---------------------------------------------------------------- the attacker's tools
-def _rms(x, w, eps):
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-class PublicLayers:
-    """The attacker's own forward of public decoder layers (M = 0), written from the
-    checkpoint's weights: full sequences, or one position for many candidate tokens at once
-    over a committed prefix."""
-
-    def __init__(self, model, layer_ids):
-        self.model, self.cfg = model, model.config
-        self.layers = [model.model.layers[i] for i in layer_ids]
-        self.heads = self.cfg.num_attention_heads
-        self.kv = getattr(self.cfg, "num_key_value_heads", None) or self.heads
-        self.hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.heads
-        self.rotary = model.model.rotary_emb
-
-    def _rope(self, x, pos):
-        cos, sin = self.rotary(x[None], torch.as_tensor(pos).reshape(1, -1))
-        return cos[0], sin[0]                      # [n, hd]
-
-    @staticmethod
-    def _rot(x, cos, sin):                         # x [..., n, hd]
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), -1)
-        return x * cos + rot * sin
-
-    def _qkv(self, lyr, x):
-        att = lyr.self_attn
-        h = lyr.input_layernorm(x)
-        q = att.q_proj(h).view(-1, self.heads, self.hd).transpose(0, 1)
-        k = att.k_proj(h).view(-1, self.kv, self.hd).transpose(0, 1)
-        v = att.v_proj(h).view(-1, self.kv, self.hd).transpose(0, 1)
-        return q, k, v
-
-    def _finish(self, lyr, x, o):
-        x = x + lyr.self_attn.o_proj(o)
-        return x + lyr.mlp(lyr.post_attention_layernorm(x))
-
-    @torch.no_grad()
-    def sequence(self, x, start: int = 0):
-        """All layers over one causal sequence x [n, d] starting at ``start``."""
-        n = x.shape[0]
-        cos, sin = self._rope(x, torch.arange(start, start + n))
-        for lyr in self.layers:
-            q, k, v = self._qkv(lyr, x)
-            q, k = self._rot(q, cos, sin), self._rot(k, cos, sin)
-            rep = self.heads // self.kv
-            o = F.scaled_dot_product_attention(q[None], k.repeat_interleave(rep, 0)[None],
-                                               v.repeat_interleave(rep, 0)[None], is_causal=True)[0]
-            x = self._finish(lyr, x, o.transpose(0, 1).reshape(n, -1))
-        return x
-
-    @torch.no_grad()
-    def search(self, targets, embed):
-        """Position by position, the token whose state after these layers is closest to
-        ``targets[t]`` given the tokens chosen before it (a greedy replay search)."""
-        caches = [([], []) for _ in self.layers]
-        rep = self.heads // self.kv
-        chosen = []
-        vocab = embed.shape[0]
-        for t in range(targets.shape[0]):
-            x = embed.float()                                   # every candidate at position t
-            cos, sin = self._rope(x[:1], torch.tensor([t]))
-            states = []
-            for lyr, (ks, vs) in zip(self.layers, caches):
-                states.append(x)
-                q, k, v = self._qkv(lyr, x)                     # [H, V, hd], [Hkv, V, hd]
-                q, k = self._rot(q, cos, sin), self._rot(k, cos, sin)
-                qg = q.reshape(self.kv, rep, vocab, self.hd)
-                own = (qg * k[:, None]).sum(-1, keepdim=True)                   # [Hkv, rep, V, 1]
-                if ks:
-                    kp, vp = torch.stack(ks, 1), torch.stack(vs, 1)              # [Hkv, t, hd]
-                    past = torch.einsum("grvd,gtd->grvt", qg, kp)
-                    s = torch.cat([past, own], -1) / math.sqrt(self.hd)
-                    p = s.softmax(-1)
-                    o = torch.einsum("grvt,gtd->grvd", p[..., :-1], vp) + p[..., -1:] * v[:, None]
-                else:
-                    o = v[:, None].expand(self.kv, rep, vocab, self.hd)
-                o = o.reshape(self.heads, vocab, self.hd).transpose(0, 1).reshape(vocab, -1)
-                x = self._finish(lyr, x, o)
-            tok = int(((x - targets[t].float()) ** 2).sum(-1).argmin())
-            chosen.append(tok)
-            for (ks, vs), lyr, xin in zip(caches, self.layers, states):   # commit the chosen token's k, v
-                _, k, v = self._qkv(lyr, xin[tok:tok + 1])
-                ks.append(self._rot(k, cos, sin)[:, 0])
-                vs.append(v[:, 0])
-        return torch.tensor(chosen)
-
-
-def nearest_rows(x, table):
-    d = (x.float() ** 2).sum(-1, keepdim=True) - 2 * x.float() @ table.float().T + (table.float() ** 2).sum(-1)
-    return d.argmin(-1)
-
-
-@torch.no_grad()
-def public_states(model, ids, boundary: int, seq: int = 128):
-    """(state entering layer ``boundary`` [n, d], the public model's greedy next token [n])
-    over the attacker's own text, M = 0, in windows of ``seq`` tokens."""
-    xs, ys, grab = [], [], {}
-    n = model.config.num_hidden_layers
-    mod = model.model.layers[boundary] if boundary < n else model.model.norm
-
-    def hook(_m, args, kwargs):
-        grab["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
-    h = mod.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for s in range(0, len(ids) - seq + 1, seq):
-            out = model(input_ids=ids[s:s + seq][None])
-            xs.append(grab["x"][0].float())
-            ys.append(out.logits[0].argmax(-1))
-    finally:
-        h.remove()
-    return torch.cat(xs), torch.cat(ys)
-
-
-def train_inverter(x, y, vocab: int, *, noise: float = 0.0, epochs: int = 8, hidden: int = 1024, seed: int = 0):
-    """An MLP from a boundary state to a token, trained on the attacker's own states (with
-    the configuration's cut noise added fresh each epoch, as the attacker knows the defence)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    d = x.shape[1]
-    net = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, hidden), torch.nn.GELU(),
-                              torch.nn.Linear(hidden, vocab))
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
-    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0], 256):
-            b = order[i:i + 256]
-            xb = x[b] + (noise * rms[b] * torch.randn(x[b].shape, generator=g) if noise else 0)
-            loss = F.cross_entropy(net(xb), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    return lambda q: net(q.float()).argmax(-1)
-
-
-# ---------------------------------------------------------------- M by least squares
-def m_recovery(tr: Traffic, adapter, counts) -> dict:
-    """For each number of tokens seen, the share of all M matrices (device-held ones
-    included, never seen) recovered below ``M_TOL`` relative error, and the median error of
-    those the cloud sees."""
-    total = len(adapter.layers) * len(adapter.cfg.targets)
-    curve = []
-    for n in counts:
-        errs = []
-        for (layer, t), pairs in sorted(tr.pairs.items()):
-            a = torch.cat([p[0] for p in pairs]).double()[:n]
-            m = torch.cat([p[1] for p in pairs]).double()[:n]
-            if a.shape[0] < n:
-                continue
-            mt = torch.linalg.lstsq(a, m).solution               # m = a M^T
-            true = adapter.get(layer, t).detach().double()
-            errs.append(float(torch.linalg.norm(mt.T - true) / torch.linalg.norm(true)))
-        if errs:
-            curve.append({"tokens_seen": n, "recovered": sum(e < M_TOL for e in errs) / total,
-                          "median_rel_error": statistics.median(errs), "matrices_seen": len(errs)})
-    return {"matrices": total, "curve": curve}
-
-
 # ---------------------------------------------------------------- price of a configuration
 @torch.no_grad()
 def heldout_ppl(bb, adapter, ids, *, cut_layer: int, noise: float, seq: int = 128, seed: int = 0) -> float:
@@ -374,51 +218,55 @@ def heldout_ppl(bb, adapter, ids, *, cut_layer: int, noise: float, seq: int = 12
     return math.exp(total / max(count, 1))
 
 
-def seconds_per_token(bb, cfg, adapter, prompt, new_tokens: int, noise: float, repeat: int = 3) -> tuple:
-    """(total, device) seconds per token of one in-process greedy generation, medians over
-    ``repeat`` runs: the device's share is what a phone pays (device layers move work there)."""
-    from privatelora.model.sampling import SamplingParams
-    from privatelora.runtime.cloud import CloudPart
-    from privatelora.runtime.device import DevicePart
-    from privatelora.runtime.generation import Generation
-    from privatelora.runtime.runner import InProcessRunner
-    device, cloud = DevicePart(bb, cfg, adapter, cut_noise=noise), CloudPart(bb, cfg)
-    inner, spent = cloud.run, [0.0]
+class DeviceTimer:
+    """The device's share of in-process greedy generations, per configuration, measured
+    round-robin (one generation of each configuration per round) so that drift of the
+    machine falls on every configuration alike; ``result()``: per configuration, (total,
+    device) seconds per token, medians over the rounds, and the device times' spread."""
 
-    def run(batch):
-        t = time.perf_counter()
-        try:
-            return inner(batch)
-        finally:
-            spent[0] += time.perf_counter() - t
-    cloud.run = run
-    total, dev = [], []
-    for i in range(repeat + 1):
-        g = Generation(device.session(i), list(prompt), SamplingParams(max_new_tokens=new_tokens))
+    def __init__(self, bb, prompt, new_tokens: int):
+        self.bb, self.prompt, self.new_tokens = bb, list(prompt), new_tokens
+        self.parts: dict = {}
+        self.times: dict = {}
+
+    def add(self, name: str, cfg, adapter, noise: float) -> None:
+        from privatelora.runtime.cloud import CloudPart
+        from privatelora.runtime.device import DevicePart
+        device, cloud = DevicePart(self.bb, cfg, adapter, cut_noise=noise), CloudPart(self.bb, cfg)
+        inner, spent = cloud.run, [0.0]
+
+        def run(batch):
+            t = time.perf_counter()
+            try:
+                return inner(batch)
+            finally:
+                spent[0] += time.perf_counter() - t
+        cloud.run = run
+        self.parts[name] = (device, cloud, spent)
+        self.times[name] = ([], [])
+        self._one(name, record=False)             # warm-up
+
+    def _one(self, name: str, record: bool = True) -> None:
+        from privatelora.model.sampling import SamplingParams
+        from privatelora.runtime.generation import Generation
+        from privatelora.runtime.runner import InProcessRunner
+        device, cloud, spent = self.parts[name]
+        g = Generation(device.session(len(self.times[name][0]) + 1000 * record),
+                       self.prompt, SamplingParams(max_new_tokens=self.new_tokens))
         spent[0] = 0.0
         t0 = time.perf_counter()
         InProcessRunner(cloud).run([g])
-        if i:                                       # the first run warms up
-            n = max(len(g.tokens), 1)
-            total.append((time.perf_counter() - t0) / n)
-            dev.append((time.perf_counter() - t0 - spent[0]) / n)
-    return statistics.median(total), statistics.median(dev)
+        dt, n = time.perf_counter() - t0, max(len(g.tokens), 1)
+        if record:
+            self.times[name][0].append(dt / n)
+            self.times[name][1].append((dt - spent[0]) / n)
 
-
-def with_secret(adapter, n_layers: int, head: int, scale: float, seed: int):
-    """A copy of ``adapter`` with a random M of ``scale`` (``randomize_``'s units) added in
-    the first ``head`` layers: a per-device secret the cloud cannot replay."""
-    from privatelora.model.adapters import PrivateAdapter, m_name
-    out = PrivateAdapter(adapter.cfg, n_layers, adapter.fingerprint)
-    g = torch.Generator().manual_seed(seed)
-    r = adapter.cfg.rank
-    with torch.no_grad():
-        for name, m in adapter.M.items():
-            out.M[name].copy_(m)
-        for layer in range(head):
-            for t in adapter.cfg.targets:
-                out.M[m_name(layer, t)].add_(torch.randn(r, r, generator=g) * scale / r ** 0.5)
-    return out
+    def run(self, rounds: int) -> dict:
+        for _ in range(rounds):
+            for name in self.parts:
+                self._one(name)
+        return {name: (statistics.median(t), statistics.median(d), min(d), max(d))
+                for name, (t, d) in self.times.items()}
 
 
 # ---------------------------------------------------------------- the harness
@@ -444,14 +292,26 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
                   prompt_tokens: int | None = None, new_tokens: int | None = None, tune_steps: int | None = None,
                   public_tokens: int | None = None, labels: bool = True, seed: int = 0, quiet: bool = False,
                   backbone=None) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # device, cloud and attacker share this process; see bench.one_thread
+    try:
+        with torch.random.fork_rng():          # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            return _bench(model, settings=settings, quick=quick, prompts=prompts, prompt_tokens=prompt_tokens,
+                          new_tokens=new_tokens, tune_steps=tune_steps, public_tokens=public_tokens,
+                          labels=labels, seed=seed, quiet=quiet, backbone=backbone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(model, *, settings, quick, prompts, prompt_tokens, new_tokens, tune_steps, public_tokens, labels,
+           seed, quiet, backbone) -> dict:
     from privatelora.model.adapters import PrivateAdapter
     from privatelora.model.loading import load_backbone
     from privatelora.training.data import encode_text, load_corpus, read_text
 
     say = _progress(quiet)
     t_all = time.perf_counter()
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)   # device, cloud and attacker share this process; see bench.one_thread
     prompts = prompts or (2 if quick else 4)
     prompt_tokens = prompt_tokens or (32 if quick else 48)
     new_tokens = new_tokens or (8 if quick else 16)
@@ -471,6 +331,12 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
     public_ids = encode_text(bb.tokenizer, public_text)[:public_tokens]
     top_public = int(torch.bincount(public_ids, minlength=vocab).argmax())
     # the victim's prompts: held-out windows of its own text (its test part)
+    if prompts * (prompt_tokens + 7) > len(victim.test):
+        raise ValueError(f"{prompts} prompts of {prompt_tokens} tokens do not fit in the {len(victim.test)} "
+                         f"held-out tokens of {VICTIM_TEXT}")
+    if prompt_tokens + new_tokens > bb.config.max_position_embeddings:
+        raise ValueError(f"--prompt-tokens + --new-tokens is over the model's "
+                         f"{bb.config.max_position_embeddings} positions")
     starts = [i * (prompt_tokens + 7) for i in range(prompts)]
     victim_prompts = [victim.test[s:s + prompt_tokens].tolist() for s in starts]
 
@@ -481,7 +347,8 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
 
     out = {"model": bb.name, "fingerprint": bb.fingerprint, "victim_text": VICTIM_TEXT, "public_text": PUBLIC_TEXT,
            "prompts": prompts, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rank": base_cfg.rank,
-           "tune_steps": tune_steps, "public_tokens": len(public_ids), "wire_dtype": "fp32", "m_tolerance": M_TOL,
+           "tune_steps": tune_steps, "public_tokens": len(public_ids), "traffic_dtype": base_cfg.dtype,
+           "m_tolerance": M_TOL,
            "most_frequent_public_token": top_public, "results": [], "configs": []}
     inverters: dict = {}
 
@@ -511,8 +378,8 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
 
     ppl_ids = victim.test[:2048 if quick else 8192]
     speed_prompt = victim.test[-17:-1].tolist()
-    base_spt = None
     base_ppl = None
+    timer = DeviceTimer(bb, speed_prompt, 16 if quick else 64)
     for s in chosen:
         t0 = time.perf_counter()
         say(f"{s.config}: {s.defence}")
@@ -571,25 +438,32 @@ def bench_privacy(model: str = "tiny", *, settings=None, quick: bool = False, pr
                                                              "tokens_seen": total_tokens}
             row(s, "M", "least_squares", last["recovered"], 0.0, mrec["matrices"],
                 tokens_seen=last["tokens_seen"], median_rel_error=last["median_rel_error"], curve=mrec["curve"])
-        # labels (tuning traffic)
-        if labels and s.head == 0 and s.noise == 0 and s.private_m:
+        # labels (tuning traffic; cut noise is a serving defence, tuning sends no noise)
+        if labels and s.noise == 0:
             from privatelora.bench.privacy_labels import label_attack
             seqs = [tr.seqs[i][:prompt_tokens + 1] for i in sorted(tr.seqs)]
-            lab = label_attack(bb, cfg, seqs, private_m=True, adapter=tuned, public_ids=public_ids, seed=seed)
+            lab = label_attack(bb, cfg, seqs, private_m=s.private_m, adapter=adapter, public_ids=public_ids,
+                               seed=seed)
             row(s, "labels", lab.get("attack", "gradient_match"), lab["recovered"], lab["baseline"], lab["labels"])
-        # price
-        say(f"{s.config}: perplexity and speed")
+        # price: quality now, speed at the end (round-robin)
+        say(f"{s.config}: perplexity")
         ppl = heldout_ppl(bb, adapter, ppl_ids, cut_layer=s.head, noise=s.noise, seed=seed)
-        spt, dev = seconds_per_token(bb, cfg, adapter, speed_prompt, 16 if quick else 64, s.noise,
-                                     repeat=3 if quick else 9)
-        if base_ppl is None:
-            base_ppl, base_spt = ppl, dev
+        base_ppl = ppl if base_ppl is None else base_ppl
+        timer.add(s.config, cfg, adapter, s.noise)
         out["configs"].append({"config": s.config, "defence": s.defence, "device_head_layers": s.head,
                                "device_tail_layers": s.tail, "private_m": s.private_m, "cut_noise": s.noise,
-                               "heldout_ppl": round(ppl, 3), "utility_cost": round(ppl - base_ppl, 3),
-                               "ms_per_token": round(1000 * spt, 3), "device_ms_per_token": round(1000 * dev, 3),
-                               "speed_cost": round(dev / base_spt - 1, 3),
-                               "seconds": round(time.perf_counter() - t0, 1)})
+                               "secret_scale": s.secret, "heldout_ppl": round(ppl, 3),
+                               "utility_cost": round(ppl - base_ppl, 3), "seconds": round(time.perf_counter() - t0, 1)})
+    rounds = 3 if quick else 9
+    say(f"device time: {rounds} round-robin rounds of {timer.new_tokens} tokens per configuration")
+    speeds = timer.run(rounds)
+    base_dev = speeds["default"][1]
+    for c in out["configs"]:
+        total, dev, lo, hi = speeds[c["config"]]
+        c.update({"ms_per_token": round(1000 * total, 3), "device_ms_per_token": round(1000 * dev, 3),
+                  "device_ms_range": [round(1000 * lo, 3), round(1000 * hi, 3)],
+                  "speed_cost": round(dev / base_dev - 1, 3)})
+    out["speed_rounds"] = rounds
     out["baseline_tokens"] = next(r["baseline"] for r in out["results"] if r["signal"] == "tokens")
     out["strongest"] = strongest(out["results"])
     out["seconds"] = round(time.perf_counter() - t_all, 1)

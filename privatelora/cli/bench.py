@@ -237,7 +237,9 @@ def add_privacy(bsub):
 
     def run_privacy(args):
         from privatelora.bench.privacy import bench_privacy
-        configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+        configs = None if args.configs is None else [c.strip() for c in args.configs.split(",") if c.strip()]
+        if configs == []:
+            raise UsageError("--configs names no configuration")
         bad = [c for c in configs or () if c not in names]
         if bad:
             raise UsageError(f"unknown configuration(s) {', '.join(bad)}; choose from {', '.join(names)}")
@@ -251,7 +253,7 @@ def add_privacy(bsub):
             return bench_privacy(args.model, settings=configs, quick=args.quick, prompts=args.prompts,
                                  prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                  tune_steps=args.tune_steps, public_tokens=args.public_tokens,
-                                 labels=not args.no_labels, seed=args.seed, quiet=args.json)
+                                 labels=not args.no_labels, seed=args.seed)
         except (ValueError, OSError) as e:
             raise UsageError(str(e))
     pv.set_defaults(func=run_privacy, printer=print_privacy)
@@ -262,17 +264,19 @@ def print_privacy(r):
           f"{r['new_tokens']} generated, M rank {r['rank']} tuned {r['tune_steps']} steps), attacker's text "
           f"{r['public_text']}; exact recovery (no-traffic baseline {100 * r['baseline_tokens']:.1f}%)")
     best = {(b["config"], b["signal"]): b for b in r["strongest"]}
-    print(f"{'config':16} {'defence':44} {'tokens':>15} {'outputs':>16} {'M':>6} {'labels':>7} "
-          f"{'ppl':>7} {'cost':>7} {'device':>7}")
+    print(f"{'config':16} {'tokens':>15} {'outputs':>16} {'M':>6} {'labels':>7} {'ppl':>7} {'cost':>8} "
+          f"{'device':>7}  defence")
     for c in r["configs"]:
         def cell(sig):
             b = best.get((c["config"], sig))
             return "-" if b is None else f"{100 * b['recovered']:.0f}% {b['attack']}" if sig in ("tokens", "outputs") \
                 else f"{100 * b['recovered']:.0f}%"
-        print(f"{c['config']:16} {c['defence'][:44]:44} {cell('tokens'):>15} {cell('outputs'):>16} {cell('M'):>6} "
-              f"{cell('labels'):>7} {c['heldout_ppl']:7.2f} {c['utility_cost']:+7.2f} {100 * c['speed_cost']:+6.0f}%")
-    print("tokens/outputs: the strongest attack's rate; M: share of M matrices within 1e-3 relative error; "
-          "cost: held-out perplexity over the default's; device: the device's compute per token over the default's")
+        print(f"{c['config']:16} {cell('tokens'):>15} {cell('outputs'):>16} {cell('M'):>6} {cell('labels'):>7} "
+              f"{c['heldout_ppl']:7.2f} {c['utility_cost']:+8.2f} {100 * c['speed_cost']:+6.0f}%  {c['defence']}")
+    print("tokens: every token handed in (prompt + outputs fed back); tokens/outputs: the strongest attack's "
+          "rate; M: share of M matrices within 1e-3 relative error; labels: '-' where not measured (cut noise "
+          "is not applied to tuning); cost: held-out perplexity over the default's; device: the device's "
+          "compute per token over the default's")
 
 
 def print_throughput(r):

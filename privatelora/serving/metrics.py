@@ -82,8 +82,8 @@ LABELS = frozenset({"direction", "kind", "reason", "le"})
 WIRE_CODES = ("bad_type", "truncated", "bad_length", "too_large", "bad_version", "bad_header", "unknown_kind",
               "bad_direction", "bad_session", "bad_compression", "malformed", "internal", "unknown_session",
               "bad_mac", "no_key", "bad_fields", "bad_field", "bad_key", "bad_tensor", "non_finite", "not_float",
-              "private_tensor", "bad_geometry", "no_geometry", "bad_layer", "bad_count", "bad_shape", "bad_dtype",
-              "bad_lengths")
+              "private_tensor", "private_value", "bad_geometry", "no_geometry", "bad_layer", "bad_count", "bad_shape",
+              "bad_dtype", "bad_lengths")
 # ... the transport's own (a frame for another connection's session, one in flight for a
 # session the cloud ended, a stream that stalls), and the codes a declined Open gets
 SERVER_REFUSALS = ("foreign_session", "session_in_use", "session_closed", "slow_frame", "idle")
