@@ -269,7 +269,7 @@ def print_privacy(r):
     for c in r["configs"]:
         def cell(sig):
             b = best.get((c["config"], sig))
-            return "-" if b is None else f"{100 * b['recovered']:.0f}% {b['attack']}" if sig in ("tokens", "outputs") \
+            return "-" if b is None else f"{100 * b['recovered']:.1f}% {b['attack']}" if sig in ("tokens", "outputs") \
                 else f"{100 * b['recovered']:.0f}%"
         print(f"{c['config']:16} {cell('tokens'):>15} {cell('outputs'):>16} {cell('M'):>6} {cell('labels'):>7} "
               f"{c['heldout_ppl']:7.2f} {c['utility_cost']:+8.2f} {100 * c['speed_cost']:+6.0f}%  {c['defence']}")
