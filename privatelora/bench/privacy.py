@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from privatelora.bench.privacy_attacks import (  # noqa: F401  (re-exported: the harness's API)
     M_TOL,
@@ -55,6 +54,7 @@ from privatelora.bench.privacy_attacks import (  # noqa: F401  (re-exported: the
     with_secret,
 )
 from privatelora.config import PrivateLoRAConfig
+from privatelora.training.data import ce_sum, eval_batches, label_count
 
 VICTIM_TEXT, PUBLIC_TEXT = "sonnets", "paradise_lost"
 
@@ -207,11 +207,9 @@ def heldout_ppl(bb, adapter, ids, *, cut_layer: int, noise: float, seq: int = 12
     h = model.model.layers[cut_layer].register_forward_pre_hook(hook, with_kwargs=True) if noise else None
     total, count = 0.0, 0
     try:
-        for s in range(0, len(ids) - seq, seq):
-            w = ids[s:s + seq + 1]
-            logits = model(input_ids=w[:-1][None]).logits[0]
-            total += float(F.cross_entropy(logits.float(), w[1:], reduction="sum"))
-            count += seq
+        for inputs, labels in eval_batches(ids, seq, batch=1):
+            total += float(ce_sum(model(input_ids=torch.tensor(inputs)).logits, labels))
+            count += label_count(labels)
     finally:
         if h is not None:
             h.remove()
@@ -417,11 +415,13 @@ def _bench(model, *, settings, quick, prompts, prompt_tokens, new_tokens, tune_s
             pred = bb.model.lm_head(fn(xd)).argmax(-1)
             row(s, "outputs", "lm_head", float((pred == outs).float().mean()), base_out, len(outs))
         else:
-            replay = PublicLayers(bb.model, range(n_layers - s.tail, n_layers))
+            from privatelora.bench.privacy_labels import PublicHead
+            replay = PublicHead.from_backbone(bb, cfg)          # the public tail layers, M = 0
             hits = 0
             for sid, rows in full.items():
-                pos = sorted(rows)
-                y = replay.sequence(torch.stack([rows[p] for p in pos]).float(), start=pos[0])
+                pos = sorted(rows)                               # tail layers get every row back, from 0
+                with torch.no_grad():
+                    y = replay.replay_tail(torch.stack([rows[p] for p in pos]).float(), [len(pos)])
                 pred = bb.model.lm_head(bb.model.model.norm(y)).argmax(-1)
                 seq, plen = tr.seqs[sid], tr.prompt_len[sid]
                 hits += sum(int(pred[j]) == seq[p + 1] for j, p in enumerate(pos) if plen <= p + 1 < len(seq))

@@ -19,9 +19,9 @@ M_TOL = 1e-3
 
 # ---------------------------------------------------------------- the attacker's tools
 class PublicLayers:
-    """The attacker's own forward of public decoder layers (M = 0), written from the
-    checkpoint's weights: full sequences, or one position for many candidate tokens at once
-    over a committed prefix."""
+    """The attacker's replay search through public decoder layers (M = 0), written from the
+    checkpoint's weights: one position for every candidate token at once over a committed
+    prefix. (Whole sequences through public layers: ``privacy_labels.PublicHead``.)"""
 
     def __init__(self, model, layer_ids):
         self.model, self.cfg = model, model.config
@@ -52,20 +52,6 @@ class PublicLayers:
     def _finish(self, lyr, x, o):
         x = x + lyr.self_attn.o_proj(o)
         return x + lyr.mlp(lyr.post_attention_layernorm(x))
-
-    @torch.no_grad()
-    def sequence(self, x, start: int = 0):
-        """All layers over one causal sequence x [n, d] starting at ``start``."""
-        n = x.shape[0]
-        cos, sin = self._rope(x, torch.arange(start, start + n))
-        for lyr in self.layers:
-            q, k, v = self._qkv(lyr, x)
-            q, k = self._rot(q, cos, sin), self._rot(k, cos, sin)
-            rep = self.heads // self.kv
-            o = F.scaled_dot_product_attention(q[None], k.repeat_interleave(rep, 0)[None],
-                                               v.repeat_interleave(rep, 0)[None], is_causal=True)[0]
-            x = self._finish(lyr, x, o.transpose(0, 1).reshape(n, -1))
-        return x
 
     @torch.no_grad()
     def search(self, targets, embed):
