@@ -27,6 +27,7 @@ from privatelora.wire.frames import (  # noqa: F401
                                           decode_frame,
                                           encode,
                                           encode_frame,
+                                          encode_many,
                                           frame_info,
                                           peek_header,
 )

@@ -25,6 +25,7 @@ Contract
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
@@ -72,6 +73,30 @@ class Header:
     length: int  # value of the length prefix
 
 
+# HMAC with the key's inner and outer SHA-256 states computed once per key and copied per
+# frame: half the cost of ``hmac.digest`` on a decode-sized frame (~1.3 us of ~2.7). Bounded;
+# Open frames (keys chosen by unauthenticated peers) never enter it.
+_MAC_STATES: dict[bytes, tuple] = {}
+MAC_CACHE_KEYS = 4096
+_IPAD, _OPAD = bytes(x ^ 0x36 for x in range(256)), bytes(x ^ 0x5C for x in range(256))
+
+
+def _tag(key: bytes, signed) -> bytes:
+    """HMAC-SHA256(key, signed)[:TAG_LEN], the same bytes as ``hmac.digest``."""
+    st = _MAC_STATES.get(key)
+    if st is None:
+        k = (key if len(key) <= 64 else hashlib.sha256(key).digest()).ljust(64, b"\0")
+        st = (hashlib.sha256(k.translate(_IPAD)), hashlib.sha256(k.translate(_OPAD)))
+        if len(_MAC_STATES) >= MAC_CACHE_KEYS:
+            _MAC_STATES.pop(next(iter(_MAC_STATES), None), None)    # the oldest key
+        _MAC_STATES[key] = st
+    inner = st[0].copy()
+    inner.update(signed)
+    outer = st[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()[:TAG_LEN]
+
+
 def _resolve_key(msg: Message, key: bytes | None) -> bytes:
     if isinstance(msg, Open):
         if key is not None and key != msg.key:
@@ -92,6 +117,10 @@ def encode_frame(msg: Message, *, key: bytes | None, direction: str, dtype: str 
     dtype: wire dtype of tensors; default the geometry's, else fp32. compress: "auto" (lz4
     where it pays), "never" or "always". geometry: required for up tensor frames.
     """
+    return _encode(msg, key, direction, dtype, compress, geometry, max_frame, None)
+
+
+def _encode(msg, key, direction, dtype, compress, geometry, max_frame, shared):
     kind = kind_of(type(msg))
     if kind is None:
         raise SchemaError("unknown_kind", f"{type(msg).__name__} is not a registered message kind")
@@ -106,7 +135,7 @@ def encode_frame(msg: Message, *, key: bytes | None, direction: str, dtype: str 
     if dtype not in DTYPES:
         raise SchemaError("bad_dtype", f"dtype must be one of {sorted(DTYPES)}")
     mac_key = _resolve_key(msg, key)
-    ctx = FrameContext(direction, geometry, dtype, encoding=True)
+    ctx = FrameContext(direction, geometry, dtype, encoding=True, shared=shared)
     body = msgpack.packb(kind.encode_body(msg, ctx), use_bin_type=True)
     flags = FLAG_DOWN if direction == DOWN else 0
     if compress == "always" or (compress == "auto" and len(body) >= COMPRESS_MIN_BYTES):
@@ -116,9 +145,32 @@ def encode_frame(msg: Message, *, key: bytes | None, direction: str, dtype: str 
     signed = HEADER.pack(VERSION, kind.code, flags, 0, msg.session) + body
     if len(signed) + TAG_LEN > max_frame:
         raise FrameError("too_large", f"frame of {len(signed) + TAG_LEN} bytes > {max_frame}")
-    tag = hmac.digest(mac_key, signed, "sha256")[:TAG_LEN]
+    tag = hmac.digest(mac_key, signed, "sha256")[:TAG_LEN] if kind.cls is Open else _tag(mac_key, signed)
     frame = PREFIX.pack(len(signed) + TAG_LEN) + signed + tag
     return frame, FrameInfo(kind.name, ctx.raw, len(frame), bool(flags & FLAG_LZ4))
+
+
+def encode_many(jobs, *, direction: str, compress: str = "auto", max_frame: int = DEFAULT_MAX_FRAME,
+                shared: dict | None = None) -> list:
+    """Encode several messages at once: ``jobs`` is a list of ``(msg, key, geometry, dtype)``
+    (the arguments of ``encode_frame``). Returns one entry per job, in order: ``(frame,
+    FrameInfo)``, or the exception ``encode_frame`` would have raised for that message alone
+    (a refusal of one message never affects another). Frames are byte-identical to
+    ``encode_frame``'s. Tensors that are whole-row views ``buf[i, off:off+n]`` of one
+    contiguous tensor ``buf`` (their ``_base``) are converted to the wire dtype once per
+    buffer for all the frames (``tensors.SharedBuffer``), not once per frame; others are
+    encoded as ``encode_frame`` does. ``shared``: a dict to reuse conversions across calls
+    of one batch (the server passes one per ``send_many``)."""
+    if direction not in (UP, DOWN):
+        raise ValueError(f"direction must be {UP!r} or {DOWN!r}, not {direction!r}")
+    shared = {} if shared is None else shared
+    out = []
+    for msg, key, geometry, dtype in jobs:
+        try:
+            out.append(_encode(msg, key, direction, dtype, compress, geometry, max_frame, shared))
+        except Exception as e:          # this message's own failure, returned, not raised
+            out.append(e)
+    return out
 
 
 def encode(msg: Message, *, key: bytes | None, direction: str, **kw) -> bytes:
@@ -196,9 +248,10 @@ def _body(view: memoryview, flags: int, max_frame: int) -> Any:
         raise FrameError("malformed", "body is not one well-formed msgpack value") from None
 
 
-def _verify(view: memoryview, key: bytes) -> None:
+def _verify(view: memoryview, key: bytes, cached: bool = True) -> None:
     signed, tag = view[PREFIX.size: len(view) - TAG_LEN], view[len(view) - TAG_LEN:]
-    if not hmac.compare_digest(hmac.digest(key, signed, "sha256")[:TAG_LEN], tag):
+    mac = _tag(key, signed) if cached else hmac.digest(key, signed, "sha256")[:TAG_LEN]
+    if not hmac.compare_digest(mac, tag):
         raise AuthError("bad_mac", "frame authentication failed")
 
 
@@ -216,7 +269,7 @@ def _decode(buf, direction, geometry_for, key_for, max_frame):
         key = body.get("key") if type(body) is dict else None
         if type(key) is not bytes or len(key) != KEY_LEN:
             raise SchemaError("bad_key", f"Open must carry a {KEY_LEN}-byte key")
-        _verify(view, key)
+        _verify(view, key, cached=False)   # a key any peer may choose: not cached
         geometry = None
     else:
         key = CONNECTION_KEY if hdr.session == 0 else key_for(hdr.session) if key_for else None

@@ -113,6 +113,7 @@ class FrameContext:
     dtype: str = "fp32"
     raw: int = 0
     encoding: bool = False
+    shared: dict | None = None  # encode_many: buffers converted once, by (id(base), dtype, cols)
 
     def need_geometry(self) -> Geometry:
         if self.geometry is None:

@@ -44,6 +44,8 @@ def _check_out(ctx: FrameContext, t: Any, cols: int | None, max_rows: int, what)
 
 
 def _as_float32(t: torch.Tensor) -> np.ndarray:
+    if t.dtype is torch.float32 and t.is_cpu and not t.requires_grad:
+        return t.numpy()                 # the common case: no detach/to dispatch (~1.5 us)
     return t.detach().to("cpu", torch.float32).numpy()
 
 
@@ -124,11 +126,17 @@ def pack_group(ctx, ts, count, cols, max_rows, what) -> list:
         raise err("bad_count", f"{what} must be {count or '1-16'} tensors")
     for i, t in enumerate(ts):
         _check_out(ctx, t, cols, max_rows, lambda: f"{what}[{i}]")
-    if len({t.shape for t in ts}) != 1:
-        raise err("bad_shape", f"{what} tensors must share one shape")
-    # one stack and one conversion for the group: per-tensor conversions cost ~5 us each
-    x = _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None])
-    record = pack_tensor(ctx, x, what)               # refuses NaN/inf first
+    shape = ts[0].shape
+    for t in ts:
+        if t.shape != shape:
+            raise err("bad_shape", f"{what} tensors must share one shape")
+    shared = _shared_slice(ctx, ts) if ctx.shared is not None else None
+    if shared is not None:   # views of one buffer converted once (``encode_many``)
+        buf, offsets = shared
+        record, x = buf.record(ctx, offsets, shape[0], what)
+    else:  # one stack and one conversion for the group: per-tensor conversions cost ~5 us each
+        x = _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None])
+        record = pack_tensor(ctx, x, what)           # refuses NaN/inf first
     if ctx.direction == UP:
         _check_values(x, what)
     return record
@@ -144,3 +152,90 @@ def _check_values(x: np.ndarray, what: str) -> None:
         i, j = divmod(hit[0], x.shape[1])
         name = f"{what}[{i}]" if x.shape[0] > 1 else what
         raise PrivacyError("private_value", f"{name} row {j} equals {hit[1]}: private values stay on the device")
+
+
+# ---------------------------------------------------------------- shared buffers
+class SharedBuffer:
+    """One contiguous float tensor (``t._base`` of the frames' tensors), converted to float32
+    and to the wire dtype ONCE for every frame that sends views of it (``frames.encode_many``).
+
+    A record built from it is byte-identical to ``pack_tensor`` of the stacked views: every
+    dtype converts element by element (int8: per-row scales, rows of ``cols`` elements), and
+    the NaN/inf refusal is that message's alone (checked over its own rows when the buffer
+    is not all finite)."""
+
+    def __init__(self, base: torch.Tensor, dtype: str, cols: int):
+        self.dtype, self.cols = dtype, cols
+        # elements between rows i and i+1 of a [k, T, r] buffer: one slice gathers a frame's views
+        self.span = base.stride(0) if base.dim() == 3 and base.shape[2] == cols else 0
+        self.x = _as_float32(base).reshape(-1)                       # float32, flat
+        self.scale = None
+        if dtype == "int8":
+            rows = self.x.reshape(-1, cols)
+            self.finite = bool(np.isfinite(rows).all())
+            if self.finite:
+                self.scale = (np.abs(rows).max(axis=1) / np.float32(127)).astype("<f4")
+                safe = np.where(self.scale > 0, self.scale, np.float32(1))
+                self.w = np.rint(rows / safe[:, None]).clip(-127, 127).astype("i1").reshape(-1)
+        elif dtype == "bf16":
+            bits = torch.from_numpy(self.x).to(torch.bfloat16).view(torch.int16)
+            self.w = bits.numpy().astype("<i2")
+            self.finite = bool(((self.w.view("<u2") & 0x7F80) != 0x7F80).all())
+        elif dtype == "fp16":
+            with np.errstate(over="ignore"):
+                self.w = self.x.astype("<f2")
+            self.finite = bool(np.isfinite(self.w).all())
+        else:
+            self.w = self.x.astype("<f4", copy=False)
+            self.finite = bool(np.isfinite(self.w).all())
+
+    def _gather(self, a: np.ndarray, offsets: list[int], n: int) -> np.ndarray:
+        """a[o:o+n] for each offset, stacked: one strided slice when the views are rows
+        ``i..i+count`` of a [k, T, r] buffer at one token range (the stage's layout)."""
+        if self.span and offsets[0] % self.span + n <= self.span and \
+                all(o - offsets[0] == j * self.span for j, o in enumerate(offsets)):
+            i, c = divmod(offsets[0], self.span)
+            return a.reshape(-1, self.span)[i:i + len(offsets), c:c + n]
+        return np.stack([a[o:o + n] for o in offsets])
+
+    def record(self, ctx: FrameContext, offsets: list[int], rows: int, what: str) -> tuple[list, np.ndarray | None]:
+        """The record of the views starting at flat element ``offsets`` ([rows, cols] each),
+        and (up frames only: the by-value check) their float32 stack [count, rows, cols]."""
+        n, cols, count = rows * self.cols, self.cols, len(offsets)
+        x = self._gather(self.x, offsets, n).reshape(count, rows, cols) \
+            if ctx.direction == UP or not self.finite else None
+        if not self.finite:          # some rows of the buffer are bad: are this message's?
+            return pack_tensor(ctx, x, what), x
+        ctx.raw += count * n * DTYPES[ctx.dtype]
+        code = DTYPE_CODES[ctx.dtype]
+        data = self._gather(self.w, offsets, n).tobytes()
+        if self.dtype == "int8":
+            scales = b"".join([self.scale[o // cols:o // cols + rows].tobytes() for o in offsets])
+            return [code, count, rows, cols, data, scales], x
+        return [code, count, rows, cols, data], x
+
+
+def _shared_slice(ctx: FrameContext, ts) -> tuple[SharedBuffer, list[int]] | None:
+    """(buffer, flat offsets) if every tensor of ``ts`` is a whole-rows contiguous view of one
+    contiguous base tensor; None (encode them alone) otherwise. Called after ``_check_out``."""
+    base = ts[0]._base
+    if base is None or not base.is_contiguous() or base.is_neg():
+        return None
+    cols = ts[0].shape[1]
+    if base.numel() % cols:
+        return None
+    start, end = base.storage_offset(), base.storage_offset() + base.numel()
+    n = ts[0].shape[0] * cols
+    offsets = []
+    dtype = base.dtype
+    for t in ts:
+        o = t.storage_offset()
+        if t._base is not base or t.dtype is not dtype or not t.is_contiguous() or (o - start) % cols \
+                or o < start or o + n > end:
+            return None
+        offsets.append(o - start)
+    key = (id(base), ctx.dtype, cols)
+    entry = ctx.shared.get(key)
+    if entry is None:
+        entry = ctx.shared[key] = (base, SharedBuffer(base, ctx.dtype, cols))   # base: keeps id() unique
+    return entry[1], offsets

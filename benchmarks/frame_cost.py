@@ -1,0 +1,97 @@
+"""What one frame of the decode path costs: encode and decode of an ``Activations`` frame
+(down, [1, 32] x 3) and of a ``Reply`` frame (up, [1, 32] x 3), fp32 and fp16, and per
+frame of ``Server.send_many``'s batched path (16 sessions' activations of one layer, views
+of one shared [3, 16, 32] buffer, encoded together).
+
+    .venv/bin/python benchmarks/frame_cost.py [--number 2000] [--repeat 7] [--registered]
+
+The bench geometry's exchange (hidden 1024, rank 32, q/k/v). Prints JSON: the median over
+``repeat`` runs of microseconds per frame. ``--registered`` fills the privacy registry with
+an edge host's private M's (16 users x 16 layers x q/k/v, rank 32) as the bench does, so
+that a Reply's encode pays the by-value check at its realistic size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import timeit
+
+import torch
+
+from privatelora import wire
+
+KEY = bytes(range(32))
+RANK, SESSIONS, LAYERS = 32, 16, 16
+
+
+def _us(fn, number: int, repeat: int, per: int = 1) -> float:
+    return round(statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number / per * 1e6, 2)
+
+
+def _geometry(dtype: str) -> wire.Geometry:
+    return wire.Geometry(hidden=1024, rank=RANK, targets=("q", "k", "v"), shared_a=False,
+                         layers=tuple(range(LAYERS)), dtype=dtype, max_tokens=2048)
+
+
+def _register(users: int) -> list:
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.adapters import PrivateAdapter
+    cfg = PrivateLoRAConfig(rank=RANK)
+    return [PrivateAdapter(cfg, LAYERS, "bench").randomize_(7 + u, scale=0.3) for u in range(users)]
+
+
+def single(dtype: str, number: int, repeat: int) -> dict:
+    g = _geometry(dtype)
+    gen = torch.Generator().manual_seed(0)
+    act = wire.Activations(5, 3, tuple(torch.randn(1, RANK, generator=gen) for _ in range(3)))
+    rep = wire.Reply(5, 3, tuple(torch.randn(1, RANK, generator=gen) for _ in range(3)))
+    af = wire.encode(act, key=KEY, direction="down", geometry=g)
+    rf = wire.encode(rep, key=KEY, direction="up", geometry=g)
+    kw = dict(geometry_for=lambda s: g, key_for=lambda s: KEY)
+    return {
+        "activations_encode_us": _us(lambda: wire.encode_frame(act, key=KEY, direction="down", geometry=g),
+                                     number, repeat),
+        "activations_decode_us": _us(lambda: wire.decode_frame(af, direction="down", **kw), number, repeat),
+        "reply_encode_us": _us(lambda: wire.encode_frame(rep, key=KEY, direction="up", geometry=g), number, repeat),
+        "reply_decode_us": _us(lambda: wire.decode_frame(rf, direction="up", **kw), number, repeat),
+        "frame_bytes": {"activations": len(af), "reply": len(rf)},
+    }
+
+
+def batched(dtype: str, number: int, repeat: int) -> dict | None:
+    """Per-frame cost of the batched encode: 16 sessions, one [3, 16, 32] buffer."""
+    encode_many = getattr(wire, "encode_many", None)
+    if encode_many is None:   # the code before the batched path existed
+        return None
+    g = _geometry(dtype)
+    buf = torch.randn(3, SESSIONS, RANK, generator=torch.Generator().manual_seed(1))
+    msgs = [wire.Activations(s + 1, 3, tuple(buf[i, s:s + 1] for i in range(3))) for s in range(SESSIONS)]
+    jobs = [(m, KEY, g, None) for m in msgs]
+    out = encode_many(jobs, direction="down")
+    assert all(not isinstance(o, Exception) for o in out)
+    return {"activations_encode_many_us_per_frame": _us(lambda: encode_many(jobs, direction="down"),
+                                                        max(1, number // SESSIONS), repeat, SESSIONS)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--number", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--registered", action="store_true",
+                    help="register an edge host's private M's (16 users) before measuring")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    keep = _register(SESSIONS) if a.registered else []
+    out = {"registered_M": sum(len(x.M) for x in keep), "number": a.number, "repeat": a.repeat}
+    for dtype in ("fp32", "fp16"):
+        out[dtype] = single(dtype, a.number, a.repeat)
+        b = batched(dtype, a.number, a.repeat)
+        if b is not None:
+            out[dtype].update(b)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
