@@ -2,9 +2,12 @@
 
 A plain class, made remote by ``actors.pool``. It loads only the decoder layers the cloud
 runs (``privatelora.api.load_cloud_backbone``: no embedding, final norm, LM head or device
-layers; on the GPU when Ray gives it one), starts a ``CloudEndpoint`` inside the actor's
-own event loop and reports its address. Devices talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
-starts, places, watches and stops it.
+layers; on the GPU when Ray gives it one or CUDA is available: ``replica_device``), starts
+a ``CloudEndpoint`` inside the actor's own event loop and reports its address. Devices
+talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
+starts, places, watches and stops it. With ``cores`` and ``io_cores`` the endpoint's
+compute and I/O run on cores of their own where the endpoint supports it
+(``endpoint_cores``); ``kv_cache_bytes`` is the cloud part's KV budget.
 
 Metrics (``privatelora.serving.metrics``, docs/metrics.md): with ``metrics_port`` set (0:
 any free port) the replica serves its own ``/metrics`` on its endpoint's host; with
@@ -26,18 +29,46 @@ log = logging.getLogger(__name__)
 NOT_STARTED = "is not started"    # check_health's reason for a fresh (or restarted) actor
 
 
+def replica_device() -> str:
+    """Where a replica runs its cloud part: "cuda" when Ray gave the actor a GPU or CUDA is
+    available to the process, else "cpu". Outside Ray (a replica built in-process) only
+    CUDA counts: asking Ray there would start a cluster."""
+    import ray
+    import torch
+    ray_gpus = ray.is_initialized() and ray.get_gpu_ids()
+    return "cuda" if ray_gpus or torch.cuda.is_available() else "cpu"
+
+
+def endpoint_cores(endpoint_cls, cores: list[int] | None,
+                   io_cores: list[int] | None) -> tuple[dict, list[int] | None]:
+    """The core keywords for ``endpoint_cls`` (``compute_cores``, ``io_cores``) and the cores
+    the replica's process is pinned to: the union of both when the endpoint takes them (it
+    then pins its compute thread and its event loop itself), else ``cores`` alone."""
+    import inspect
+    if "compute_cores" not in inspect.signature(endpoint_cls).parameters:
+        return {}, cores
+    both = sorted(set(cores or ()) | set(io_cores or ())) if cores and io_cores else cores
+    return {"compute_cores": cores, "io_cores": io_cores}, both
+
+
 class BackboneReplica:
     def __init__(self, replica_id: int, model: str, cfg: dict, *, max_sessions: int = 256,
                  idle_timeout_s: float = 120.0, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
                  cores: list[int] | None = None, gather_s: float = 0.01, record_frames: bool = False,
                  metrics_port: int | None = None, ray_metrics: bool = False, ray_metrics_period_s: float = 1.0,
-                 endpoint_options: dict | None = None, full_model: bool = False):
+                 endpoint_options: dict | None = None, full_model: bool = False, kv_cache_bytes: int | None = None,
+                 io_cores: list[int] | None = None):
         """``full_model``: benchmarks only (``bench throughput``'s HF comparison runs the whole
-        HF model, LM head included): load the full backbone instead of the cloud's layers."""
+        HF model, LM head included): load the full backbone instead of the cloud's layers.
+        ``cores``: the stage compute's cores; ``io_cores``: the endpoint's event loop's (None:
+        not pinned apart; ``endpoint_cores``). ``kv_cache_bytes``: the cloud part's KV budget
+        (None: its default, from the device's memory)."""
         import torch
 
         from privatelora.placement.checks import pin_to_cores
-        pin_to_cores(cores)
+        from privatelora.serving.endpoint import CloudEndpoint
+        self.core_kw, pinned = endpoint_cores(CloudEndpoint, cores, io_cores)
+        pin_to_cores(pinned)
 
         from privatelora.config import PrivateLoRAConfig
         torch.set_num_threads(max(1, threads))
@@ -50,14 +81,15 @@ class BackboneReplica:
         else:
             from privatelora.api import load_cloud_backbone
             backbone = load_cloud_backbone(model, self.cfg)
-        if torch.cuda.is_available():
+        if replica_device() == "cuda":
             backbone.model.to("cuda")     # the cloud-only model has no meta tensor: it moves as it is
         self.fingerprint = backbone.fingerprint
         self.full_model = full_model
         # the cloud's public layers (the whole model only with full_model); ``limit`` runs the
         # plain forward over these layers
         self.backbone = backbone
-        self.cloud = CloudPart(backbone, self.cfg)     # the replica builds no device part at all
+        kv = {} if kv_cache_bytes is None else {"kv_cache_bytes": kv_cache_bytes}    # None: CloudPart's default
+        self.cloud = CloudPart(backbone, self.cfg, **kv)     # the replica builds no device part at all
         self.max_sessions, self.idle_timeout_s, self.gather_s = max_sessions, idle_timeout_s, gather_s
         self.host, self.port = host, port
         self.endpoint = None
@@ -103,7 +135,7 @@ class BackboneReplica:
                 self.cert_pem = f.read()
         self.endpoint = CloudEndpoint(self.cloud, self.host, self.port, max_sessions=self.max_sessions,
                                       idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s,
-                                      **self.endpoint_options, **tls)
+                                      **self.core_kw, **self.endpoint_options, **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
         if self.metrics is not None:   # this replica's own metrics (privatelora.serving.metrics)

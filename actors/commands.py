@@ -12,7 +12,7 @@ import time
 import privatelora.actors  # noqa: F401  (Ray's auth mode, before Ray is imported)
 import ray
 
-from privatelora.cli.common import endpoint_bounds
+from privatelora.cli.common import endpoint_bounds, kv_cache_kw
 from privatelora.config import PrivateLoRAConfig, UsageError
 from privatelora.placement import CLOUD
 from privatelora.placement.cluster import connect
@@ -76,13 +76,16 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
     if sd_file and not metrics:
         raise UsageError("--metrics-sd-file lists /metrics targets: it does not go with --no-metrics")
     replicas, policy = scaling(args)
+    if getattr(args, "gpus_per_replica", 0) < 0:       # the parser refuses it; callers building args may not
+        raise UsageError(f"--gpus-per-replica must be >= 0, not {args.gpus_per_replica}")
     join_cluster(args.address, dashboard=metrics)
     started = time.time()
     bounds = endpoint_bounds(args)
     try:
         pool = Pool(args.model, cfg, replicas=replicas, max_sessions=args.max_sessions, port=args.replica_port,
                     idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
-                    ray_metrics=metrics, endpoint_options=bounds)
+                    ray_metrics=metrics, endpoint_options=bounds,
+                    gpus_per_replica=getattr(args, "gpus_per_replica", 0), **kv_cache_kw(args))
     except Exception as e:        # a replica could not start: one line when it is a metrics port
         cause = getattr(e, "cause", None)
         if isinstance(cause, MetricsPortError):

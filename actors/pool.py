@@ -9,7 +9,10 @@ serve ``/metrics`` on ``metrics_port + i``; ``ray_metrics`` exports them through
 metrics agent too. ``serve`` turns both on by default (docs/metrics.md).
 
 Replicas load only the cloud's decoder layers; ``full_model=True`` (``bench throughput``'s
-HF comparison only) has them load the whole backbone.
+HF comparison only) has them load the whole backbone. ``gpus_per_replica`` G > 0 has each
+replica's placement group and actor ask Ray for G GPUs (``replica_resources``); the replica
+then runs its cloud part on the GPU. ``kv_cache_bytes`` bounds each replica's KV cache
+(None: the cloud part sizes it from its device's memory).
 """
 
 from __future__ import annotations
@@ -35,6 +38,20 @@ def replica_host() -> str:
     return "127.0.0.1" if len(ips) <= 1 else ray.util.get_node_ip_address()
 
 
+def replica_resources(cpus: float, gpus: float = 0) -> tuple[dict, dict]:
+    """What one replica asks Ray for: its placement group's bundle and the resource part of
+    its actor options. ``gpus`` > 0 adds ``{"GPU": gpus}`` to the bundle and ``num_gpus`` to
+    the actor; 0 asks for no GPU at all (no key)."""
+    if cpus < 0 or gpus < 0:
+        raise ValueError(f"a replica's CPUs and GPUs must be >= 0, not {cpus} and {gpus}")
+    bundle = {"CPU": cpus, CLOUD: 1}
+    options = {"num_cpus": cpus, "resources": {CLOUD: 1}}
+    if gpus:
+        bundle["GPU"] = gpus
+        options["num_gpus"] = gpus
+    return bundle, options
+
+
 class Pool:
     """Backbone replicas (each in its own placement group on a cloud node), their router,
     and edge actors. Replicas are kept by id (``replicas``, ``infos``, ``groups``: dicts);
@@ -45,9 +62,11 @@ class Pool:
                  host: str | None = None, timeout_s: float = 300, pin_cores: bool = False,
                  gather_s: float = 0.01, record_frames: bool = False, metrics_port: int | None = None,
                  ray_metrics: bool = False, max_restarts: int = 3, endpoint_options: dict | None = None,
-                 watch_period_s: float = 0.5, full_model: bool = False):
+                 watch_period_s: float = 0.5, full_model: bool = False, gpus_per_replica: float = 0,
+                 kv_cache_bytes: int | None = None):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
+        self.bundle, self.replica_options = replica_resources(replica_cpus, gpus_per_replica)
         self.model = model
         self.cfg = cfg or PrivateLoRAConfig()
         # one machine playing cloud and devices: the backbone gets the first cores, devices the rest
@@ -61,7 +80,8 @@ class Pool:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(watch_period_s=watch_period_s)
         self._replica_kw = dict(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, gather_s=gather_s,
                                 record_frames=record_frames, endpoint_options=endpoint_options,
-                                ray_metrics=ray_metrics, full_model=full_model)
+                                ray_metrics=ray_metrics, full_model=full_model, kv_cache_bytes=kv_cache_bytes,
+                                io_cores=self.edge_cores)    # pinned: the endpoint's I/O on the devices' cores
         self.replica_cpus, self.max_restarts, self.host, self.timeout_s = replica_cpus, max_restarts, host, timeout_s
         self.port, self.metrics_port = port, metrics_port
         self.groups: dict[int, object] = {}
@@ -77,7 +97,7 @@ class Pool:
     def _create(self, timeout_s: float | None = None):
         """A new replica in its own placement group; returns its id and the ref of its ``start``."""
         rid = self._next_id
-        pg = placement_group([{"CPU": self.replica_cpus, CLOUD: 1}], strategy="STRICT_PACK")
+        pg = placement_group([dict(self.bundle)], strategy="STRICT_PACK")
         try:
             ray.get(pg.ready(), timeout=timeout_s or self.timeout_s)
         except Exception:
@@ -86,7 +106,7 @@ class Pool:
         self._next_id += 1
         self.groups[rid] = pg
         self.replicas[rid] = ray.remote(BackboneReplica).options(
-            num_cpus=self.replica_cpus, resources={CLOUD: 1}, max_concurrency=64, max_restarts=self.max_restarts,
+            **self.replica_options, max_concurrency=64, max_restarts=self.max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(
             rid, self.model, self.cfg.to_dict(), host=self.host or replica_host(),
             port=self.port + rid if self.port else 0, threads=max(1, int(self.replica_cpus)),

@@ -1,6 +1,7 @@
 """Throughput on the bench geometry: limit vs ours vs paper-style, on loopback and on the
-emulated 5G link, and with the users on one edge host. One command (about 20 minutes on
-2 cores):
+emulated 5G link, and with the users on one edge host, each user count measured
+``--repeat`` times (default 3; medians with min/max). One command (about 20 minutes per
+repeat on 2 cores):
 
     .venv/bin/python benchmarks/throughput.py     # after ./dev setup
 
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--geometry", default="bench", choices=["bench", "tiny"])
     ap.add_argument("--users", default="1,2,4,8,16")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per user count; figures are their medians")
     ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and plots go")
     args = ap.parse_args()
     users = tuple(int(u) for u in args.users.split(","))
@@ -31,7 +33,7 @@ def main() -> None:
     runs = {"loopback": dict(link="loopback"), "loopback-host": dict(link="loopback", edge_hosts=1, hf=False),
             "5g": dict(link="5g", hf=False)}
     for name, kw in runs.items():
-        r = run(args.geometry, users=users, new_tokens=args.new_tokens, **kw)
+        r = run(args.geometry, users=users, new_tokens=args.new_tokens, repeat=args.repeat, **kw)
         (args.out / f"throughput-{name}.json").write_text(json.dumps(r, indent=1))
         plot(r, str(args.out / f"throughput-{name}.png"))
         print(json.dumps(r), flush=True)

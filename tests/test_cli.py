@@ -111,3 +111,33 @@ def test_console_script_entry_point(tmp_path):
 def test_import_privatelora_does_not_import_ray():
     code = "import sys, privatelora, privatelora.cli, privatelora.api; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["serve", "--gpus-per-replica", "-1"], "--gpus-per-replica: expected a number >= 0"),
+    (["serve", "--gpus-per-replica", "one"], "--gpus-per-replica: expected a number"),
+    (["serve", "--kv-cache-bytes", "lots"], "--kv-cache-bytes: expected a byte count"),
+    (["cloud", "--kv-cache-bytes", "0"], "--kv-cache-bytes: expected a positive byte count"),
+    (["bench", "throughput", "--repeat", "0"], "--repeat must be >= 1"),
+    (["bench", "throughput", "--geometry", "7b"], "7b only with --gpus-per-replica"),
+])
+def test_gpu_and_kv_budget_arguments_exit_2_with_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_kv_cache_bytes_takes_integers_and_binary_suffixes():
+    from privatelora.cli.common import kv_cache_kw
+    from privatelora.cli.main import build_parser
+    p = build_parser()
+    for text, n in (("1000", 1000), ("512M", 512 * 2 ** 20), ("4G", 4 * 2 ** 30), ("4gib", 4 * 2 ** 30),
+                    ("64k", 64 * 1024), ("1.5G", 3 * 2 ** 29)):
+        assert p.parse_args(["serve", "--kv-cache-bytes", text]).kv_cache_bytes == n, text
+        assert p.parse_args(["cloud", "--kv-cache-bytes", text]).kv_cache_bytes == n, text
+    given = p.parse_args(["serve", "--kv-cache-bytes", "4G", "--gpus-per-replica", "0.5"])
+    assert kv_cache_kw(given) == {"kv_cache_bytes": 4 * 2 ** 30} and given.gpus_per_replica == 0.5
+    default = p.parse_args(["serve"])
+    assert kv_cache_kw(default) == {} and default.gpus_per_replica == 0     # CloudPart's own default

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from privatelora.serving.scheduler import Scheduler
-from privatelora.bench.throughput import decode_rate, limit_decode, link_step_s, predict_tps
+from privatelora.bench.throughput import decode_rate, limit_decode, link_step_s, predict_tps, spread
 
 
 def test_limit_forward_equals_the_hf_decoder_layers(backbones, one_thread):
@@ -49,6 +49,71 @@ def test_link_model_adds_one_round_trip_per_cloud_layer_and_one_for_the_hand_off
     assert predict_tps(1, 20.0, t) == pytest.approx(1 / (1 / 20.0 + t))
     assert predict_tps(16, 60.0, t) < 60.0
     assert predict_tps(64, 60.0, t) > predict_tps(16, 60.0, t)
+
+
+def test_spread_reports_the_median_with_its_range():
+    r = spread({"ours_tok_s": [30.0, 10.0, 20.0], "limit_tok_s": [4.0, 2.0]})
+    assert r == {"ours_tok_s": 20.0, "ours_tok_s_min": 10.0, "ours_tok_s_max": 30.0,
+                 "limit_tok_s": 3.0, "limit_tok_s_min": 2.0, "limit_tok_s_max": 4.0}
+
+
+def _real_decode_frames(shared_a: bool, rank: int = 16):
+    """Every message of a real split generation on the tiny model (device and cloud parts
+    in process), with its direction, and the geometry a session would declare."""
+    from privatelora.api import build_split
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.sampling import SamplingParams
+    from privatelora.runtime.generation import Generation
+    from privatelora.runtime.runner import InProcessRunner
+    split = build_split("tiny", PrivateLoRAConfig(rank=rank, shared_a=shared_a))
+    split.adapter.randomize_(3, scale=0.5)
+    seen, run = [], split.cloud.run
+
+    def recording(requests):
+        answers = run(requests)
+        seen.extend([("up", m) for m in requests] + [("down", m) for m in answers])
+        return answers
+    split.cloud.run = recording
+    InProcessRunner(split.cloud).run([Generation(split.device.session(1), list(range(5, 25)),
+                                                 SamplingParams(max_new_tokens=6))])
+    return seen, split.backbone.config.hidden_size, tuple(split.cloud.exchange_ids), split.cfg.targets
+
+
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_link_model_frames_are_the_size_of_real_frames(shared_a):
+    """``frame_bytes`` (what ``link_step_s`` sends over the 5G model) sizes each decode
+    frame exactly as the wire frames a real generation's activations, replies and
+    hand-offs: its tensors are seeded noise, which lz4 cannot shrink, like real ones."""
+    from privatelora import wire
+    from privatelora.bench.perfmodel import frame_bytes
+    seen, hidden, layers, targets = _real_decode_frames(shared_a)
+    kinds = {wire.Handoff: "handoff", wire.Activations: "down_per_layer", wire.Reply: "up_per_layer"}
+    for dtype in ("fp32", "fp16", "bf16", "int8"):
+        geo = wire.Geometry(hidden=hidden, rank=16, targets=targets, shared_a=shared_a, layers=layers, dtype=dtype)
+        want = frame_bytes(hidden, 16, shared_a, dtype)
+        sizes = {}
+        for direction, m in seen:
+            t = m.hidden if isinstance(m, wire.Handoff) else (m.a if isinstance(m, wire.Activations) else m.m)[0]
+            if t.shape[0] != 1:           # decode steps only: one row
+                continue
+            kw = {"dtype": wire.HANDOFF_DTYPE[dtype]} if isinstance(m, wire.Handoff) else {}
+            sizes.setdefault(kinds[type(m)], set()).add(
+                len(wire.encode(m, key=bytes(32), direction=direction, geometry=geo, **kw)))
+        assert sizes == {k: {n} for k, n in want.items()}, dtype
+
+
+def test_link_model_frames_are_incompressible_at_7b_widths():
+    """At the bench and 7B widths the modelled hand-off is as big as its uncompressed
+    frame; a constant tensor of the same shape would have been shrunk by lz4."""
+    from privatelora import wire
+    from privatelora.bench.perfmodel import frame_bytes
+    for hidden in (1024, 4096):
+        g = wire.Geometry(hidden=hidden, rank=32, targets=("q", "k", "v"), shared_a=False, layers=(0,), dtype="fp32")
+        raw = len(wire.encode(wire.Handoff(1, 0, torch.ones(1, hidden)), key=bytes(32), direction="up", geometry=g,
+                              dtype="fp32", compress="never"))
+        ones = len(wire.encode(wire.Handoff(1, 0, torch.ones(1, hidden)), key=bytes(32), direction="up", geometry=g,
+                               dtype="fp32"))
+        assert frame_bytes(hidden, 32, False, "fp32")["handoff"] == raw > 2 * ones
 
 
 def test_max_batch_one_serves_every_session_alone():
@@ -103,17 +168,60 @@ def test_pinning_covers_threads_that_already_run():
 
 
 def test_bench_throughput_end_to_end_on_the_tiny_model():
-    """One short run through Ray: the three measurements, the policies really differ, and
-    the JSON has what tools read."""
+    """One short run through Ray: the three measurements, repeated and reported as medians
+    with their range, the policies really differ, and the JSON has what tools read."""
     from privatelora.actors.throughput import run
-    out = run("tiny", users=(1, 2), new_tokens=6, prompt_tokens=4, hf=False, quiet=True)
+    from privatelora.bench.throughput import LIMIT
+    out = run("tiny", users=(1, 2), new_tokens=6, prompt_tokens=4, hf=False, quiet=True, repeat=2)
     rows = out["results"]
     assert [r["users"] for r in rows] == [1, 2]
+    assert out["repeat"] == 2 and out["limit"] == LIMIT and out["device"] == "cpu"
     for r in rows:
         for k in ("limit_tok_s", "ours_tok_s", "paper_style_tok_s", "backbone_busy"):
-            assert r[k] > 0, k
+            assert 0 < r[f"{k}_min"] <= r[k] <= r[f"{k}_max"], k
         assert 0 < r["backbone_busy"] <= 1.0
         assert r["paper_style_mean_batch"] == 1.0          # every stage alone
+        assert r["ours_over_limit"] == pytest.approx(r["ours_tok_s"] / r["limit_tok_s"])     # from the medians
+        assert r["ours_over_limit_min"] <= r["ours_over_limit_max"]
+        assert "hf_cloud_only_tok_s" not in r
     assert rows[1]["ours_mean_batch"] > 1.0                  # two users share stages
-    assert out["summary"]["ideal_gain"] == pytest.approx(rows[1]["limit_tok_s"] / rows[0]["limit_tok_s"])
+    s = out["summary"]
+    assert s["ideal_gain"] == pytest.approx(rows[1]["limit_tok_s"] / rows[0]["limit_tok_s"])
+    assert s["ours_over_limit"] == rows[1]["ours_over_limit"]
+    assert s["ours_over_limit_min"] == rows[1]["ours_over_limit_min"]
+    assert s["share_of_ideal_gain"] == pytest.approx(rows[1]["ours_over_paper_style"] / s["ideal_gain"])
     json.dumps(out)                                          # --json can print it
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(geometry="7b"), "7b only with --gpus-per-replica"),
+    (dict(geometry="tiny", layers=4), "--layers"),
+    (dict(geometry="bench", layers=0), "--layers"),
+    (dict(geometry="tiny", repeat=0), "--repeat"),
+    (dict(geometry="tiny", gpus_per_replica=-1), "--gpus-per-replica"),
+])
+def test_bench_throughput_refuses_bad_arguments_before_any_work(kw, needle):
+    from privatelora.actors.throughput import run
+    from privatelora.config import UsageError
+    with pytest.raises(UsageError, match=needle):
+        run(quiet=True, **kw)
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_prints_its_commands_and_runs_a_cpu_smoke(tmp_path):
+    """``benchmarks/gpu.sh --dry-run`` runs anywhere: it lists the GPU runs and measures a
+    tiny CPU run instead, writing its JSON and an index (the last line it prints)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["bash", os.path.join(repo, "benchmarks", "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    commands = [x for x in lines if x.startswith("would run: ")]
+    assert len(commands) == 4 and all("--gpus-per-replica 1" in c for c in commands)
+    assert any("--geometry 7b" in c for c in commands) and any("--link 5g" in c for c in commands)
+    index = json.loads(lines[-1])
+    assert index["dry_run"] and index["runs"]["smoke-tiny-cpu"]["status"] == "ok"
+    assert json.loads((tmp_path / "index.json").read_text()) == index
+    smoke = json.loads((tmp_path / "smoke-tiny-cpu.json").read_text())
+    assert smoke["geometry"] == "tiny" and smoke["device"] == "cpu" and smoke["repeat"] == 1
+    assert [r["users"] for r in smoke["results"]] == [1, 2]

@@ -3,26 +3,49 @@
 ``bench throughput`` (driven from ``privatelora.actors.throughput``) compares, on one
 backbone pinned to its own cores:
 
-- **limit**: the backbone's decoder layers decoding B sequences in one ordinary batched
-  forward (``limit_decode``): no split, no adapter, no network, dense batched attention
-  over equal-length caches (full attention: a sliding window is not applied, so beyond a
-  window it is a timing, not the model). Our own block's math, the fastest plain forward
-  we have on a CPU (HF's forward, also reported, is slower);
+- **limit**: our batched eager forward over the cloud's decoder layers (``limit_decode``,
+  ``LIMIT``): B sequences in one ordinary batched forward, no split, no adapter, no
+  network, dense batched attention over equal-length caches (full attention: a sliding
+  window is not applied, so beyond a window it is a timing, not the model). Our own
+  block's math; transformers' own forward (``hf_decode``) is reported next to it;
 - **ours** and **paper-style**: B edge actors over TCP, with and without cross-user
   batching. Their decode rate is counted from per-token arrival times (``decode_rate``).
 
-``predict_tps`` is the model a run over an emulated link is compared with (see its
-docstring); ``perfmodel`` holds the paper's model.
+Both forwards run on the model's device (its weights' device: the GPU when the replica
+has one) and synchronise it before reading the clock. ``spread`` turns repeated
+measurements into the reported median with its min and max. ``predict_tps`` is the model
+a run over an emulated link is compared with (see its docstring); ``perfmodel`` holds the
+paper's model.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from privatelora.model.block import LayerWeights, apply_rope, finish_layer, rms_norm
+
+LIMIT = "our batched eager forward over the cloud's layers (no split, no adapter, no network)"
+HF_REFERENCE = "transformers' own forward of the whole model (LM head included), batched, with its KV cache"
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA runs async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def spread(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Repeated measurements as reported: each ``k`` becomes the median of its samples,
+    with ``k_min`` and ``k_max`` beside it."""
+    out = {}
+    for k, v in samples.items():
+        out.update({k: statistics.median(v), f"{k}_min": min(v), f"{k}_max": max(v)})
+    return out
 
 
 @torch.no_grad()
@@ -32,24 +55,29 @@ def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_i
 
     Returns the prefill time, the mean time of a decode step after it, and the per-layer
     step time (what one cloud stage at this batch costs with no split overhead at all).
-    The inputs are random hidden states unless ``prompt_hidden`` [users, prompt, d] is
-    given; ``prefill_out`` is the layers' output for the prompt (tests compare it to HF).
+    The inputs are random hidden states (drawn on the CPU from ``seed``, so every device
+    gets the same ones) unless ``prompt_hidden`` [users, prompt, d] is given; caches and
+    inputs live on the layers' device, in their dtype; ``prefill_out`` is the layers'
+    output for the prompt (tests compare it to HF).
     """
     cfg = model.config
     ids = list(layer_ids) if layer_ids is not None else list(range(cfg.num_hidden_layers))
     layers = [LayerWeights.from_hf(model.model.layers[i], cfg, i) for i in ids]
     lw0 = layers[0]
     H, KV, hd = lw0.n_heads, lw0.n_kv, lw0.head_dim
-    dtype = lw0.wq.dtype                  # a cloud-only model has no embedding to ask
+    dtype, dev = lw0.wq.dtype, lw0.wq.device      # a cloud-only model has no embedding to ask
     total = prompt_tokens + new_tokens
     g = torch.Generator().manual_seed(seed)
-    kc = [torch.zeros(users, KV, total, hd, dtype=dtype) for _ in layers]
-    vc = [torch.zeros(users, KV, total, hd, dtype=dtype) for _ in layers]
+    kc = [torch.zeros(users, KV, total, hd, dtype=dtype, device=dev) for _ in layers]
+    vc = [torch.zeros(users, KV, total, hd, dtype=dtype, device=dev) for _ in layers]
     rotary = model.model.rotary_emb
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(dev)
 
     def forward(x, start):                                   # x [B, n, d]
         n = x.shape[1]
-        cos, sin = rotary(x, torch.arange(start, start + n)[None])
+        cos, sin = rotary(x, torch.arange(start, start + n, device=dev)[None])
         cos, sin = cos[0].repeat(users, 1), sin[0].repeat(users, 1)     # [users * n, hd], batch-major
         for j, lw in enumerate(layers):
             h = rms_norm(x, lw.ln1, lw.eps)
@@ -65,14 +93,15 @@ def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_i
         return x
 
     d = cfg.hidden_size
-    x0 = torch.randn(users, prompt_tokens, d, generator=g, dtype=dtype) if prompt_hidden is None else prompt_hidden
-    t0 = time.perf_counter()
+    x0 = randn(users, prompt_tokens, d) if prompt_hidden is None else prompt_hidden.to(dev, dtype)
+    steps = [randn(users, 1, d) for _ in range(new_tokens)]      # drawn before the clock starts
+    t0 = _clock(dev)
     prefill_out = forward(x0, 0)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(new_tokens):
-        forward(torch.randn(users, 1, d, generator=g, dtype=dtype), prompt_tokens + i)
-    step = (time.perf_counter() - t0) / max(1, new_tokens)
+    prefill = _clock(dev) - t0
+    t0 = _clock(dev)
+    for i, x in enumerate(steps):
+        forward(x, prompt_tokens + i)
+    step = (_clock(dev) - t0) / max(1, new_tokens)
     return {"users": users, "prefill_s": prefill, "step_s": step, "layer_s": step / len(layers),
             "tok_s": users / step, "prefill_out": prefill_out}
 
@@ -80,16 +109,18 @@ def limit_decode(model, users: int, prompt_tokens: int, new_tokens: int, layer_i
 @torch.no_grad()
 def hf_decode(model, users: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dict:
     """The same decode through the whole HF model (``generate``-style loop, LM head
-    included): what a cloud-only service built on transformers would run."""
+    included): what a cloud-only service built on transformers would run, on the model's
+    device."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (users, prompt_tokens), generator=g)
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (users, prompt_tokens), generator=g).to(dev)
     out = model(ids, use_cache=True)
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
+    t0 = _clock(dev)
     for _ in range(new_tokens):
         out = model(nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    step = (time.perf_counter() - t0) / max(1, new_tokens)
+    step = (_clock(dev) - t0) / max(1, new_tokens)
     return {"users": users, "step_s": step, "tok_s": users / step}
 
 
@@ -151,7 +182,7 @@ def plot(result: dict, path: str) -> None:
     rows = result["results"]
     u = [r["users"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ax.plot(u, [r["limit_tok_s"] for r in rows], "k--o", label="limit: plain batched forward, no split")
+    ax.plot(u, [r["limit_tok_s"] for r in rows], "k--o", label="limit: our batched eager forward, no split")
     who = f"{result['edge_hosts']} edge host(s)" if result.get("edge_hosts") else "an edge actor per user"
     ax.plot(u, [r["ours_tok_s"] for r in rows], "-o", color="tab:blue", label=f"ours: {who}, batched stages")
     ax.plot(u, [r["paper_style_tok_s"] for r in rows], "-s", color="tab:orange",

@@ -9,7 +9,7 @@ from privatelora.bench.fidelity import fidelity
 from privatelora.bench.geometry import GEOMETRIES
 from privatelora.bench.link import link
 from privatelora.cli import latency as latency_cli
-from privatelora.cli.common import stdout_kept_for_json
+from privatelora.cli.common import non_negative, stdout_kept_for_json
 from privatelora.config import PLACEMENT_HELP, PrivateLoRAConfig, UsageError
 
 
@@ -147,17 +147,27 @@ def add_commands(sub):
             raise UsageError(str(e))
     c.set_defaults(func=run_comm, printer=print_comm)
 
-    th = bsub.add_parser("throughput", help="decode throughput: the physical limit vs ours vs paper-style serving, "
-                                            "on one pinned backbone with N edge actors (Ray)",
-                         description="For each user count: the limit (the backbone's layers decoding N sequences in "
-                                     "one plain batched forward), ours (N edge actors over TCP, stages batched by the "
-                                     "scheduler) and paper-style (the same actors, every stage alone). Prints tokens/s, "
+    th = bsub.add_parser("throughput", help="decode throughput: our batched eager forward (the limit) vs ours vs "
+                                            "paper-style serving, on one pinned backbone with N edge actors (Ray)",
+                         description="For each user count: the limit (our batched eager forward over the cloud's "
+                                     "layers: N sequences in one plain batched forward, no split, no adapter, no "
+                                     "network; transformers' own forward is reported next to it unless --no-hf), ours "
+                                     "(N edge actors over TCP, stages batched by the scheduler) and paper-style (the "
+                                     "same actors, every stage alone), measured --repeat times interleaved; every "
+                                     "figure is the median, with its min and max in the JSON. Prints tokens/s, "
                                      "time to first token and the backbone's busy fraction. Over an emulated link (--link) each "
                                      "row also gets the model's prediction: the same users' loopback step, "
                                      "measured right after, plus the link model's time for the step's round trips.")
-    th.add_argument("--geometry", choices=["bench", "tiny"], default="bench",
+    th.add_argument("--geometry", choices=["bench", "tiny", "7b"], default="bench",
                     help="bench: 7B proportions, CPU-sized, 16 layers (built once into the cache, ~0.9 GB); "
-                         "tiny: the shipped model")
+                         "tiny: the shipped model; 7b: Llama-2-7B's shapes, 8 layers (~7.5 GB; with "
+                         "--gpus-per-replica only)")
+    th.add_argument("--layers", type=int, default=None, metavar="L",
+                    help="decoder layers of the bench or 7b checkpoint (default 16 and 8; built once each)")
+    th.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="measure each user count N times, interleaved; report medians with min/max (default 3)")
+    th.add_argument("--gpus-per-replica", type=non_negative, default=0, metavar="G",
+                    help="GPUs the backbone replica asks Ray for (default 0: the CPU)")
     th.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts (default 1,2,4,8,16)")
     th.add_argument("--link", default="loopback", help="loopback, lan, wifi, 5g, 4g (emulated on each device's link)")
     th.add_argument("--new-tokens", type=int, default=32, help="tokens each user decodes (default 32)")
@@ -171,7 +181,7 @@ def add_commands(sub):
     th.add_argument("--edge-hosts", type=int, default=0, metavar="K",
                     help="carry the users on K edge hosts (one process and connection each, so over an "
                          "emulated link a host's users share it) instead of one edge actor per user (default)")
-    th.add_argument("--no-hf", action="store_true", help="skip the transformers cloud-only reference")
+    th.add_argument("--no-hf", action="store_true", help="skip transformers' own forward (the cloud-only reference)")
     th.add_argument("--plot", metavar="FILE.png", help="also draw the curves (needs matplotlib)")
     th.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     th.add_argument("--json", action="store_true", help="print one JSON object (progress stays on stderr)")
@@ -199,7 +209,8 @@ def add_commands(sub):
         with stdout_kept_for_json():
             out = run(args.geometry, users, args.link, args.new_tokens, args.prompt_tokens, args.gather_ms, args.merge,
                       hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address,
-                      adapted_layers=args.adapted_layers)
+                      adapted_layers=args.adapted_layers, repeat=args.repeat, gpus_per_replica=args.gpus_per_replica,
+                      layers=args.layers)
         if args.plot:
             from privatelora.bench.throughput import plot
             plot(out, args.plot)
@@ -282,12 +293,18 @@ def print_privacy(r):
 def print_throughput(r):
     who = f"{r['edge_hosts']} edge hosts" if r.get("edge_hosts") else "one edge actor per user"
     print(f"{r['geometry']} geometry ({r['layers']} cloud layers, rank {r['rank']}), link {r['link']}, "
-          f"{r['new_tokens']} tokens per user, {who}; backbone on cores {r['cores']['backbone']}, "
-          f"devices on {r['cores']['edges']}")
-    print(f"{'users':>5} {'limit':>8} {'ours':>8} {'paper':>8} {'ours/limit':>10} {'ours/paper':>10} "
-          f"{'busy':>5} {'batch':>5} {'TTFT ours':>9} {'TTFT paper':>10}")
+          f"{r['new_tokens']} tokens per user, {who}; backbone on {r.get('device', 'cpu')}, cores "
+          f"{r['cores']['backbone']}, devices on {r['cores']['edges']}; median of {r.get('repeat', 1)} runs")
+    print(f"limit: {r.get('limit', 'the plain batched forward')}" + ("; hf: transformers' own forward"
+                                                                     if r.get("hf_cloud_only") else ""))
+    hf = any("hf_cloud_only_tok_s" in x for x in r["results"])
+    hf_head = f" {'hf':>7}" if hf else ""
+    print(f"{'users':>5} {'limit':>8}{hf_head} {'ours':>8} {'ours min-max':>13} {'paper':>8} "
+          f"{'ours/limit':>10} {'ours/paper':>10} {'busy':>5} {'batch':>5} {'TTFT ours':>9} {'TTFT paper':>10}")
     for x in r["results"]:
-        print(f"{x['users']:5d} {x['limit_tok_s']:8.1f} {x['ours_tok_s']:8.1f} {x['paper_style_tok_s']:8.1f} "
+        span = f"{x.get('ours_tok_s_min', x['ours_tok_s']):.1f}-{x.get('ours_tok_s_max', x['ours_tok_s']):.1f}"
+        print(f"{x['users']:5d} {x['limit_tok_s']:8.1f}" + (f" {x['hf_cloud_only_tok_s']:7.1f}" if hf else "")
+              + f" {x['ours_tok_s']:8.1f} {span:>13} {x['paper_style_tok_s']:8.1f} "
               f"{x['ours_over_limit']:10.2f} {x['ours_over_paper_style']:10.2f} {100 * x['backbone_busy']:4.0f}% "
               f"{x['ours_mean_batch']:5.1f} {x['ours_ttft_s'] * 1000:7.0f}ms {x['paper_style_ttft_s'] * 1000:8.0f}ms")
     if any("model_tok_s" in x for x in r["results"]):
@@ -296,6 +313,8 @@ def print_throughput(r):
             for x in r["results"]))
     s = r.get("summary")
     if s:
-        print(f"at {s['users']} users: ours = {s['ours_over_limit']:.2f} of the limit; ours / paper-style = "
+        span = f" ({s['ours_over_limit_min']:.2f}-{s['ours_over_limit_max']:.2f} over the runs)" \
+            if "ours_over_limit_min" in s else ""
+        print(f"at {s['users']} users: ours = {s['ours_over_limit']:.2f} of the limit{span}; ours / paper-style = "
               f"{s['ours_over_paper_style']:.2f}, {100 * s['share_of_ideal_gain']:.0f}% of the ideal gain "
               f"{s['ideal_gain']:.2f} (limit at {s['users']} users / limit at 1)")

@@ -29,6 +29,52 @@ def positive(v: str) -> int:
     return i
 
 
+def non_negative(v: str) -> float:
+    """A number >= 0 (e.g. GPUs per replica: Ray takes fractions)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}")
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v!r}")
+    return x
+
+
+BYTE_SUFFIXES = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def byte_size(v: str) -> int:
+    """A positive byte count: a plain integer or one with a binary suffix K, M, G or T
+    (optionally followed by B or iB, any case): ``512M`` is 512 * 2**20, ``4G`` 4 * 2**30."""
+    text = v.strip().upper()
+    for tail in ("IB", "B"):
+        if text.endswith(tail) and text[:-len(tail)][-1:] in "KMGT" and len(text) > len(tail):
+            text = text[:-len(tail)]
+            break
+    unit = text[-1:] if text[-1:] in "KMGT" else ""
+    number = text[:len(text) - len(unit)]
+    try:
+        n = float(number) * BYTE_SUFFIXES[unit] if "." in number else int(number) * BYTE_SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 1073741824, 512M or 4G, got {v!r}")
+    if not 0 < n < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive byte count, got {v!r}")
+    return int(n)
+
+
+def add_kv_cache_bytes(p) -> None:
+    """``--kv-cache-bytes`` of ``serve`` and ``cloud``."""
+    p.add_argument("--kv-cache-bytes", type=byte_size, default=None, metavar="N",
+                   help="KV cache budget of each backbone (bytes; suffixes K, M, G: 512M, 4G); sessions are "
+                   "admitted while their cache fits (default: sized from the device's memory)")
+
+
+def kv_cache_kw(args) -> dict:
+    """The cloud part's keyword for ``--kv-cache-bytes``: none when not given (its default)."""
+    n = getattr(args, "kv_cache_bytes", None)
+    return {} if n is None else {"kv_cache_bytes": n}
+
+
 def add_split_args(p, with_adapter=True):
     p.add_argument("--model", default="tiny", help="local HF checkpoint directory, 'tiny' (default) or tiny-llama|tiny-mistral|tiny-qwen2")
     if with_adapter:

@@ -13,8 +13,9 @@ import signal
 import sys
 import time
 
-from privatelora.cli.common import (add_cloud_link_args, add_draft_args, add_endpoint_bounds, add_prompt_args,
-                                    decode, draft_from_args, endpoint_bounds, prompt_ids, split_config)
+from privatelora.cli.common import (add_cloud_link_args, add_draft_args, add_endpoint_bounds, add_kv_cache_bytes,
+                                    add_prompt_args, decode, draft_from_args, endpoint_bounds, kv_cache_kw,
+                                    prompt_ids, split_config)
 from privatelora.config import UsageError
 
 
@@ -51,7 +52,7 @@ def cmd_cloud(args) -> dict:
     try:
         cfg = _cfg(args)
         backbone = load_cloud_backbone(args.model, cfg)
-        cloud = CloudPart(backbone, cfg)
+        cloud = CloudPart(backbone, cfg, **kv_cache_kw(args))     # no keyword: the device's memory decides
         ep = CloudEndpoint(cloud, args.host, args.port, max_sessions=args.max_sessions,
                            idle_timeout_s=args.idle_timeout, **endpoint_bounds(args), **_tls_server_kw(args))
     except BaseException as e:
@@ -208,6 +209,7 @@ def add_commands(sub, add_split_args, positive):
     c.add_argument("--idle-timeout", type=float, default=120.0,
                    help="seconds of silence after which a session is closed and its KV cache freed")
     add_endpoint_bounds(c)
+    add_kv_cache_bytes(c)
     c.add_argument("--tls-cert", help="PEM certificate chain of this endpoint")
     c.add_argument("--tls-key", help="PEM private key of this endpoint")
     c.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")

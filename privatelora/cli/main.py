@@ -16,8 +16,8 @@ from privatelora.cli import bench as bench_cli
 from privatelora.cli import endpoint as endpoint_cli
 from privatelora.cli import tune as tune_cli
 from privatelora.cli.cluster import cmd_demo, cmd_serve
-from privatelora.cli.common import (Parser, add_draft_args, add_endpoint_bounds, add_prompt_args, add_split_args,
-                                    positive)
+from privatelora.cli.common import (Parser, add_draft_args, add_endpoint_bounds, add_kv_cache_bytes, add_prompt_args,
+                                    add_split_args, non_negative, positive)
 from privatelora.cli.generate import cmd_adapter_info, cmd_adapter_init, cmd_generate, print_generate
 from privatelora.config import PLACEMENT_HELP, PrivateLoRAError, UsageError
 
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--gather-ms", type=float, default=10.0,
                     help="most a stage waits for sessions that owe it a reply (batching vs latency)")
     add_endpoint_bounds(sv)
+    sv.add_argument("--gpus-per-replica", type=non_negative, default=0, metavar="G",
+                    help="GPUs each replica asks Ray for (fractions allowed); with G > 0 it runs its layers on the "
+                    "GPU (default 0: no GPU requested; a replica still uses CUDA where the node has it)")
+    add_kv_cache_bytes(sv)
     sv.add_argument("--metrics-port", type=positive, default=9431,     # privatelora.serving.metrics.DEFAULT_PORT
                     help="replica i serves Prometheus /metrics on PORT+i, on its endpoint's host (default 9431; "
                     "0: any free port); replicas also export through Ray's metrics agent (docs/metrics.md)")
