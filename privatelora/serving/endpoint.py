@@ -378,11 +378,13 @@ class CloudEndpoint:
         self.queue_s_total += queue_s
         self._event("stage", len(batch), self.scheduler.last_tokens, dt, queue_s)
         self._need_prepare = True
+        sends = []
         for ans in answers:
             if isinstance(ans, wire.Error):
                 self._refuse(ans.session, ans.code, ans.reason)
             else:
-                self._send(ans)
+                sends.append(ans)
+        self._send(*sends)       # one coalesced write per connection (Server.send_many)
 
     async def _train(self, msg) -> None:
         """One training message of one session (its device sends the next one only after
@@ -401,17 +403,28 @@ class CloudEndpoint:
         elif ans.session in self._dtype:
             self._deliver(ans, wire_dtype(ans, self._dtype[ans.session]))
 
-    def _send(self, ans) -> None:
-        dtype = self._dtype.get(ans.session)
-        if dtype is None:          # closed meanwhile
+    def _send(self, *answers) -> None:
+        """Queue a stage's answers with one ``Server.send_many``: one write per connection,
+        views of one stage buffer converted once. Per answer as before: a closed session's
+        is dropped, a queued one is expected back (``scheduler.expect``) and reported, an
+        encoder refusal ends its session alone (``_delivered``)."""
+        items = []
+        for ans in answers:
+            dtype = self._dtype.get(ans.session)
+            if dtype is None:      # closed meanwhile
+                continue
+            items.append((ans, wire.HANDOFF_DTYPE[dtype] if isinstance(ans, wire.Handoff) else None))
+        if not items:
             return
-        if isinstance(ans, wire.Handoff):
-            if self._deliver(ans, wire.HANDOFF_DTYPE[dtype]):
+        for (ans, _), failure in zip(items, self.server.send_many(items)):
+            if not self._delivered(ans, failure):
+                continue
+            if isinstance(ans, wire.Handoff):
                 self.scheduler.expect(ans.session, -1)        # the device's next token comes next
                 self._event("hand_out", ans.session, time.monotonic())
-        elif self._deliver(ans, None) and isinstance(ans, wire.Activations):
-            self.scheduler.expect(ans.session, ans.layer)
-            self._event("activations", ans.session, ans.layer, time.monotonic())
+            elif isinstance(ans, wire.Activations):
+                self.scheduler.expect(ans.session, ans.layer)
+                self._event("activations", ans.session, ans.layer, time.monotonic())
 
     def _deliver(self, ans, dtype: str | None) -> bool:
         """Queue ``ans`` on its connection (True if queued); an answer the encoder refuses
@@ -419,11 +432,20 @@ class CloudEndpoint:
         device waiting."""
         try:
             self.server.send_nowait(ans, dtype=dtype)
-            return True
-        except ConnectionError:    # the device went away: its connection's Close frees the session
-            return False
         except Exception as e:
-            self.faults["encode"] += 1
-            code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("encode_failed", repr(e))
-            self._refuse(ans.session, "encode_failed", f"the cloud could not send its answer ({code}: {reason})")
+            return self._delivered(ans, e)
+        return True
+
+    def _delivered(self, ans, failure: BaseException | None) -> bool:
+        """True if ``ans`` was queued (``failure`` None); ``ConnectionError``: the device went
+        away (its connection's Close frees the session); any other failure is the encoder's
+        refusal: ``encode_failed`` ends that session."""
+        if failure is None:
+            return True
+        if isinstance(failure, ConnectionError):
             return False
+        self.faults["encode"] += 1
+        e = failure
+        code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("encode_failed", repr(e))
+        self._refuse(ans.session, "encode_failed", f"the cloud could not send its answer ({code}: {reason})")
+        return False

@@ -134,6 +134,45 @@ class ServerConnection:
             self._kick.set()
         return info
 
+    def _write_many(self, items: list, shared: dict) -> list:
+        """Encode ``items`` [(msg, dtype)] (``wire.encode_many``) and write every frame that
+        encoded in ONE transport write; per item, None (queued) or its exception."""
+        out: list = [None] * len(items)
+        jobs, where = [], []
+        for i, (msg, dtype) in enumerate(items):
+            st = self.sessions.get(msg.session)
+            if msg.session and st is None:
+                out[i] = wire.AuthError("unknown_session", f"session {msg.session} is not open here")
+                continue
+            jobs.append((msg, st.key if st else None, st.geometry if st else None, dtype))
+            where.append(i)
+        frames, infos = [], []
+        for i, res in zip(where, wire.encode_many(jobs, direction=wire.DOWN, compress=self.server.compress,
+                                                   max_frame=self.server.max_frame, shared=shared)):
+            if isinstance(res, BaseException):
+                out[i] = res
+            else:
+                frames.append(res[0])
+                infos.append((i, res[1]))
+        if not frames:
+            return out
+        if self.closed_reason is not None or self._writer.is_closing():
+            for i, _ in infos:
+                out[i] = ConnectionResetError("connection closed")
+            return out
+        self._writer.write(b"".join(frames))  # one write for the batch: frames stay whole, in order
+        for _, info in infos:
+            self.stats.add(wire.DOWN, info)
+            self.server.stats.add(wire.DOWN, info)
+        unsent = self._writer.transport.get_write_buffer_size()
+        if unsent > self.server.max_pending_write:
+            self.abort("slow_reader")
+            for i, _ in infos:
+                out[i] = ConnectionResetError(f"peer left {unsent} bytes unread")
+        elif unsent:
+            self._kick.set()
+        return out
+
     def send_nowait(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
         """Send a cloud -> device message on a session of this connection, without waiting
         for the peer. Raises the encoder's error, or ``ConnectionResetError`` if the
@@ -243,6 +282,31 @@ class Server:
 
     async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
         return self.send_nowait(msg, dtype=dtype)
+
+    def send_many(self, items: list[tuple[wire.Message, str | None]]) -> list[BaseException | None]:
+        """Send several cloud -> device messages (``(msg, dtype)`` each, as ``send_nowait``)
+        without waiting: grouped by connection, each connection's frames in ONE transport
+        write, in the order given. Messages whose tensors are views of one shared buffer
+        (``wire.encode_many``) share one conversion to the wire dtype.
+
+        Returns one entry per item, in order: None when the frame was queued, else the
+        exception ``send_nowait`` would have raised for that message alone: the encoder's
+        error (a ``WireError``: end that session), ``ConnectionResetError`` (no connection
+        for the session, the connection closed, or cut for not reading: ``slow_reader``, as
+        ``send_nowait``). Never raises for one item's sake; accounting is per frame."""
+        out: list[BaseException | None] = [None] * len(items)
+        by_conn: dict[ServerConnection, list[int]] = {}
+        for i, (msg, _) in enumerate(items):
+            conn = self._owner.get(msg.session)
+            if conn is None:
+                out[i] = ConnectionResetError(f"session {msg.session} has no connection")
+            else:
+                by_conn.setdefault(conn, []).append(i)
+        shared: dict = {}       # one conversion per buffer, whichever connections its views go to
+        for conn, idx in by_conn.items():
+            for i, res in zip(idx, conn._write_many([items[i] for i in idx], shared)):
+                out[i] = res
+        return out
 
     def owner(self, session: int) -> ServerConnection | None:
         """The live connection that opened ``session``, if any."""

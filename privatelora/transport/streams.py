@@ -41,7 +41,16 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, *, idle_s: fl
     """One whole frame, or a code saying why the stream is over ("eof" = clean end).
 
     ``idle_s``: the frame must begin within this long ("idle"); ``frame_s``: once begun, it
-    must be whole within this long ("slow_frame"). Waiting never consumes a partial frame."""
+    must be whole within this long ("slow_frame"). Waiting never consumes a partial frame.
+
+    Fast path: when the reader already buffers a whole frame of a valid length (several
+    frames arrived in one TCP read), it is taken without arming the two timers: nothing is
+    awaited, so no timeout can apply. Anything else takes the guarded path below."""
+    buf = getattr(reader, "_buffer", None)     # StreamReader's buffer (bytearray), read only
+    if buf is not None and len(buf) >= wire.PREFIX.size + wire.MIN_LENGTH and reader.exception() is None:
+        (length,) = wire.PREFIX.unpack_from(buf)
+        if wire.MIN_LENGTH <= length <= max_frame and len(buf) >= wire.PREFIX.size + length:
+            return await reader.readexactly(wire.PREFIX.size + length)   # whole: returns at once
     try:
         async with asyncio.timeout(idle_s):
             first = await reader.readexactly(1)
