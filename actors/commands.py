@@ -34,6 +34,16 @@ def join_cluster(address, dashboard: bool = False):
                          f"ray start ... --resources '{{\"{CLOUD}\": 8}}'")
 
 
+def check_gpus(per_replica: float) -> None:
+    """A clear usage error, after leaving the cluster, when the joined cluster cannot give
+    one replica ``per_replica`` GPUs (Ray would otherwise wait for a placement group that
+    never fits)."""
+    have = ray.cluster_resources().get("GPU", 0)
+    if per_replica > have:
+        ray.shutdown()
+        raise UsageError(f"--gpus-per-replica {per_replica:g}: the Ray cluster has {have:g} GPUs")
+
+
 def _ray_discovery_file() -> str:
     """Where Ray's head writes the Prometheus file_sd list of its metrics agents."""
     try:
@@ -76,16 +86,18 @@ def serve(args, cfg: PrivateLoRAConfig, out=None) -> dict:
     if sd_file and not metrics:
         raise UsageError("--metrics-sd-file lists /metrics targets: it does not go with --no-metrics")
     replicas, policy = scaling(args)
-    if getattr(args, "gpus_per_replica", 0) < 0:       # the parser refuses it; callers building args may not
-        raise UsageError(f"--gpus-per-replica must be >= 0, not {args.gpus_per_replica}")
+    gpus = getattr(args, "gpus_per_replica", 0)
+    if gpus < 0:       # the parser refuses it; callers building args may not
+        raise UsageError(f"--gpus-per-replica must be >= 0, not {gpus}")
     join_cluster(args.address, dashboard=metrics)
+    check_gpus(gpus)
     started = time.time()
     bounds = endpoint_bounds(args)
     try:
         pool = Pool(args.model, cfg, replicas=replicas, max_sessions=args.max_sessions, port=args.replica_port,
                     idle_timeout_s=args.idle_timeout, gather_s=args.gather_ms / 1000, metrics_port=metrics_port,
                     ray_metrics=metrics, endpoint_options=bounds,
-                    gpus_per_replica=getattr(args, "gpus_per_replica", 0), **kv_cache_kw(args))
+                    gpus_per_replica=gpus, **kv_cache_kw(args))
     except Exception as e:        # a replica could not start: one line when it is a metrics port
         cause = getattr(e, "cause", None)
         if isinstance(cause, MetricsPortError):

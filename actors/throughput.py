@@ -34,7 +34,7 @@ import ray
 from privatelora.config import PrivateLoRAConfig, UsageError
 from privatelora.bench.throughput import HF_REFERENCE, LIMIT, decode_rate, link_step_s, predict_tps, spread
 
-from privatelora.actors.commands import join_cluster
+from privatelora.actors.commands import check_gpus, join_cluster
 from privatelora.actors.pool import Pool
 
 RANKS = {"bench": 32, "tiny": 16, "7b": 128}      # privatelora/bench/geometry.py; 7b: the paper's rank
@@ -139,6 +139,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
     say(f"{geometry} geometry, rank {cfg.rank}, link {profile.name}; starting a local Ray cluster"
         if address in (None, "local") else f"joining {address}")
     join_cluster(address)
+    check_gpus(gpus_per_replica)
     pool = Pool(model, cfg, replicas=1, pin_cores=True, gather_s=gather_ms / 1000,   # pins where 2+ cores
                 full_model=hf,       # HF's forward needs the whole model; the limit, the cloud's layers
                 gpus_per_replica=gpus_per_replica)

@@ -207,6 +207,14 @@ def test_bench_throughput_refuses_bad_arguments_before_any_work(kw, needle):
         run(quiet=True, **kw)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_bench_throughput_asks_for_a_gpu_the_cluster_does_not_have():
+    from privatelora.actors.throughput import run
+    from privatelora.config import UsageError
+    with pytest.raises(UsageError, match="--gpus-per-replica 1: the Ray cluster has 0 GPUs"):
+        run("tiny", users=(1,), gpus_per_replica=1, quiet=True)
+
+
 @pytest.mark.slow
 def test_gpu_script_dry_run_prints_its_commands_and_runs_a_cpu_smoke(tmp_path):
     """``benchmarks/gpu.sh --dry-run`` runs anywhere: it lists the GPU runs and measures a

@@ -175,7 +175,8 @@ def predict_tps(users: int, loopback_tok_s: float, link_s: float) -> float:
 
 
 def plot(result: dict, path: str) -> None:
-    """Tokens/s against users: limit, ours, paper-style (and the model over a link)."""
+    """Tokens/s against users: limit, ours (its range over the repeats shaded), paper-style
+    (and the model over a link)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -185,6 +186,9 @@ def plot(result: dict, path: str) -> None:
     ax.plot(u, [r["limit_tok_s"] for r in rows], "k--o", label="limit: our batched eager forward, no split")
     who = f"{result['edge_hosts']} edge host(s)" if result.get("edge_hosts") else "an edge actor per user"
     ax.plot(u, [r["ours_tok_s"] for r in rows], "-o", color="tab:blue", label=f"ours: {who}, batched stages")
+    if "ours_tok_s_min" in rows[0]:      # the range over the repeats
+        ax.fill_between(u, [r["ours_tok_s_min"] for r in rows], [r["ours_tok_s_max"] for r in rows],
+                        color="tab:blue", alpha=0.15, linewidth=0)
     ax.plot(u, [r["paper_style_tok_s"] for r in rows], "-s", color="tab:orange",
             label="paper-style: one device per stage")
     if "model_tok_s" in rows[0]:
@@ -193,7 +197,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticks(u, [str(x) for x in u])
     ax.set_xlabel("concurrent users")
     ax.set_ylabel("aggregate decode tokens/s")
-    ax.set_title(f"{result['geometry']} geometry, {result['layers']} cloud layers, link {result['link']}")
+    ax.set_title(f"{result['geometry']} geometry, {result['layers']} cloud layers, link {result['link']}"
+                 + (f", median of {result['repeat']}" if result.get("repeat", 1) > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
