@@ -178,6 +178,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
                           "ideal_gain": ideal, "ours_over_paper_style": top["ours_over_paper_style"],
                           "share_of_ideal_gain": top["ours_over_paper_style"] / ideal if top["ours_over_paper_style"]
                           else None}
+        if hf:     # the limit against transformers' own forward, at the same batch
+            out["summary"]["limit_over_hf"] = top["limit_tok_s"] / top["hf_cloud_only_tok_s"]
     return out
 
 

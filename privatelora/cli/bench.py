@@ -317,4 +317,5 @@ def print_throughput(r):
             if "ours_over_limit_min" in s else ""
         print(f"at {s['users']} users: ours = {s['ours_over_limit']:.2f} of the limit{span}; ours / paper-style = "
               f"{s['ours_over_paper_style']:.2f}, {100 * s['share_of_ideal_gain']:.0f}% of the ideal gain "
-              f"{s['ideal_gain']:.2f} (limit at {s['users']} users / limit at 1)")
+              f"{s['ideal_gain']:.2f} (limit at {s['users']} users / limit at 1)"
+              + (f"; the limit is {s['limit_over_hf']:.2f}x transformers' forward" if "limit_over_hf" in s else ""))
