@@ -59,7 +59,9 @@ def load():
 
             def peek(msg):           # mid-load, from the event loop: what a scrape would see
                 if isinstance(msg, wire.Handoff) and not mid:
-                    mid.update(running=m.registry.get_sample_value("privatelora_sessions_running"),
+                    mid.update(blocks_used=m.registry.get_sample_value("privatelora_kv_cache_blocks",
+                                                                        {"state": "used"}),
+                               running=m.registry.get_sample_value("privatelora_sessions_running"),
                                kv=m.registry.get_sample_value("privatelora_kv_cache_usage_bytes"),
                                up=m.registry.get_sample_value("privatelora_replica_up"))
 
@@ -171,6 +173,15 @@ def test_refusals_gauges_and_lifecycle(load):
     assert load["after"] == {"privatelora_sessions_running": 0, "privatelora_sessions_open": 0,
                              "privatelora_kv_cache_usage_bytes": 0, "privatelora_replica_up": 1}
     assert load["stopped_up"] == 0
+
+
+def test_kv_gauges_equal_the_pools_real_allocation(load):
+    pool = load["ep"].cloud.kv
+    assert load["mid"]["blocks_used"] >= 1
+    real = sum(t.numel() * t.element_size() for d in (pool.k, pool.v) for t in d.values())
+    assert _v(load, "privatelora_kv_cache_allocated_bytes") == real == pool.blocks * pool.block_bytes
+    allocated, used, free = (_v(load, "privatelora_kv_cache_blocks", state=s) for s in ("allocated", "used", "free"))
+    assert allocated == pool.blocks and used == 0 and free == pool.blocks - 1     # block 0: the zero block
 
 
 def test_no_series_identifies_a_user_or_session(load):

@@ -136,7 +136,7 @@ def test_a_rewind_touches_only_its_own_session_and_a_start_beyond_the_cache_is_r
         cloud.open(dev.session)
         _chain(cloud, dev, ids)
         _chain(cloud, dev, [5, 6, 7])                    # a verify chain: one token plus two drafts
-    kv = lambda sid: {layer: c.length for layer, c in cloud.sessions[sid].caches.items()}   # noqa: E731
+    kv = lambda sid: {layer: cloud.kv_length(sid) for layer in cloud.layer_ids}   # noqa: E731
     assert set(kv(1)) == set(cloud.layer_ids) and set(kv(1).values()) == {23} and set(kv(2).values()) == {12}
     x = torch.randn(1, bb.config.hidden_size)
     (err,) = cloud.run([Handoff(1, 24, x)])              # beyond session 1's 23 cached positions

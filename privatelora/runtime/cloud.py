@@ -36,25 +36,49 @@ from dataclasses import dataclass, field
 import torch
 
 from privatelora.config import PrivateLoRAConfig
-from privatelora.model.block import KVCache, LayerWeights, Segment, attend, finish_layer, rms_norm, rope_tables
+from privatelora.model.block import LayerWeights, Segment, finish_layer, rms_norm, rope_tables
+from privatelora.model.kvpool import KVFull, KVPool, default_budget, paged_attend
 from privatelora.model.projections import PublicProjections, hf_weights
 from privatelora.runtime.messages import Activations, Error, Handoff, Reply
+
+PLAN_CACHE = 16      # recent batches' slot plans and rotary tables (a cohort reuses one per step)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """Sessions crossing one cloud layer together as one flat batch ``x`` [T, d].
+
+    A flight moves from layer to layer whole (a new flight object per layer, so a failed
+    stage can go back to the old one); it is only split or merged when its members part
+    (a reply missing from a stage, sessions meeting at a layer)."""
+    layer: int
+    sids: list
+    segs: list                               # Segment of each session, in order
+    offs: list                               # first row of each session in x
+    want_all: list
+    x: torch.Tensor                          # residual stream entering ``layer``
+    plan: tuple                              # (kvpool.Plan, cos, sin) of these segments
+    normed: torch.Tensor | None = None       # input norm of x, once emitted
+    base: dict | None = None                 # W h + b precomputed while the replies travel
+
+    def rows(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[self.offs[i]:self.offs[i] + self.segs[i].n]
 
 
 @dataclass
 class _Pending:
-    layer: int
-    start: int
-    x: torch.Tensor                          # residual stream entering ``layer`` [n, d]
-    want_all: bool
-    normed: torch.Tensor | None = None       # input norm of x, once emitted
-    base: dict | None = None                 # W h + b precomputed while the reply travels
+    flight: _Flight
+    i: int                                   # this session's index in the flight
+
+    @property
+    def layer(self) -> int:
+        return self.flight.layer
 
 
 @dataclass
 class _Session:
-    caches: dict = field(default_factory=dict)   # layer -> KVCache
     next_pos: int = 0
+    epoch: int = 0                           # bumped whenever its block table changes
     pending: _Pending | None = None
 
 
@@ -70,7 +94,8 @@ class StageStats:
 
 
 class CloudPart:
-    def __init__(self, backbone, cfg: PrivateLoRAConfig, max_tokens_per_request: int = 4096):
+    def __init__(self, backbone, cfg: PrivateLoRAConfig, max_tokens_per_request: int = 4096,
+                 kv_cache_bytes: int | None = None, block_size: int | None = None):
         model = backbone.model
         self.model_config = model.config
         self.cfg = cfg
@@ -85,6 +110,13 @@ class CloudPart:
         self.hidden = model.config.hidden_size
         self.max_positions = model.config.max_position_embeddings
         self.max_tokens_per_request = max_tokens_per_request
+        lw0 = self.layers[self.layer_ids[0]] if self.layer_ids else None
+        budget = default_budget(self.device) if kv_cache_bytes is None else int(kv_cache_bytes)
+        self.kv = KVPool({i: lw.window for i, lw in self.layers.items()}, n_kv=lw0.n_kv if lw0 else 1,
+                         head_dim=lw0.head_dim if lw0 else 1, budget_bytes=budget,
+                         dtype=lw0.wq.dtype if lw0 else torch.float32, device=self.device,
+                         **({} if block_size is None else {"block_size": block_size}))
+        self._plans: dict = {}
         self.sessions: dict[int, _Session] = {}
         self.stats = StageStats()
         self.fault_hook = None                   # tests: called as fault_hook(layer, session ids)
@@ -96,13 +128,17 @@ class CloudPart:
         self.sessions[session] = _Session()
 
     def close(self, session: int) -> None:
-        """Forget the session and free its KV cache (idempotent)."""
-        self.sessions.pop(session, None)
+        """Forget the session and give its KV blocks back to the pool (idempotent)."""
+        if self.sessions.pop(session, None) is not None:
+            self.kv.free(session)
 
     def kv_bytes(self) -> int:
-        # may be called from another thread than the one running stages (metrics, stats):
-        # iterate over snapshots, taken atomically under the GIL, not the live dicts
-        return sum(c.nbytes() for s in list(self.sessions.values()) for c in list(s.caches.values()))
+        """Bytes of the KV pool held by sessions (may be called from another thread)."""
+        return self.kv.used_bytes
+
+    def kv_length(self, session: int) -> int:
+        """Positions the session holds in the KV pool."""
+        return self.kv.length(session)
 
     # ---- one stage for many sessions ---------------------------------------------------
     @torch.no_grad()
@@ -124,17 +160,17 @@ class CloudPart:
     def _snapshot(self, requests: list) -> dict:
         saved = {}
         for req in requests:
-            s = self.sessions.get(getattr(req, "session", None))
+            sid = getattr(req, "session", None)
+            s = self.sessions.get(sid)
             if s is not None:
-                saved[req.session] = (s, s.next_pos, s.pending, {l: c.length for l, c in s.caches.items()})
+                saved[sid] = (s, s.next_pos, s.pending, self.kv.length(sid))
         return saved
 
-    @staticmethod
-    def _restore(saved: dict) -> None:
-        for s, next_pos, pending, lengths in saved.values():
-            for layer, c in s.caches.items():   # a rewind the stage made is redone when it runs again
-                c.truncate(lengths.get(layer, 0))
+    def _restore(self, saved: dict) -> None:
+        for sid, (s, next_pos, pending, length) in saved.items():
+            self.kv.truncate(sid, length)   # a rewind the stage made is redone when it runs again
             s.next_pos, s.pending = next_pos, pending
+            s.epoch += 1
 
     def _run(self, requests: list) -> list:
         out: list = []
@@ -148,44 +184,108 @@ class CloudPart:
             seen.add(req.session)
             ok.append(req)
         absorb: dict[int, list] = defaultdict(list)   # layer -> [(session id, m tuple)]
-        moving: list[int] = []                        # sessions entering a cloud layer
+        entering: list = []                           # hand-offs entering the first cloud layer
         for req in self._finite(ok, out):
-            s = self.sessions[req.session]
             if isinstance(req, Handoff):
-                n = req.hidden.shape[0]
-                if req.start < s.next_pos:            # a rewind: drop the rejected positions
-                    for c in s.caches.values():
-                        c.truncate(req.start)
-                s.pending = _Pending(self.layer_ids[0], req.start, req.hidden.to(self.device, self._dtype), req.want_all)
-                s.next_pos = req.start + n
-                moving.append(req.session)
+                entering.append(req)
             else:
-                absorb[req.layer].append((req.session, req.m))
+                absorb[self.sessions[req.session].pending.layer].append((req.session, req.m))
+        moving: list[_Flight] = []
+        if entering:
+            f = self._enter(entering, out)
+            if f is not None:
+                moving.append(f)
         for layer in sorted(absorb):
             self._absorb(layer, absorb[layer], out, moving)
         self._advance(moving, out)
         return out
 
+    def _enter(self, reqs: list, out: list) -> _Flight | None:
+        """Hand-offs: rewind, reserve KV blocks (``busy`` for a session that does not fit),
+        and one flight into the first cloud layer."""
+        admitted = []
+        for req in reqs:
+            s, n = self.sessions[req.session], req.hidden.shape[0]
+            if req.start < s.next_pos:                # a rewind: drop the rejected positions
+                self.kv.truncate(req.session, req.start)
+            try:
+                self.kv.reserve([(req.session, req.start + n)])
+            except KVFull as e:
+                out.append(Error(req.session, "busy", f"no room in this replica's KV cache: {e}"))
+                continue
+            self.kv.advance(req.session, req.start + n)
+            self.kv.evict(req.session, req.start)
+            s.next_pos, s.epoch = req.start + n, s.epoch + 1
+            admitted.append(req)
+        if not admitted:
+            return None
+        x = torch.cat([r.hidden for r in admitted]).to(self.device, self._dtype)
+        return self._flight(self.layer_ids[0], [r.session for r in admitted],
+                            [Segment(r.start, r.hidden.shape[0]) for r in admitted],
+                            [r.want_all for r in admitted], x)
+
+    def _flight(self, layer, sids, segs, want_all, x, normed=None, base=None, like=None) -> _Flight:
+        """A flight of ``sids`` at ``layer``; ``like``: the flight it continues (same
+        members, same order), whose offsets and plan it keeps."""
+        if like is not None:
+            offs, plan = like.offs, like.plan
+        else:
+            offs, o = [], 0
+            for seg in segs:
+                offs.append(o)
+                o += seg.n
+            plan = self._plan(sids, segs)
+        f = _Flight(layer, sids, segs, offs, want_all, x, plan, normed, base)
+        for i, sid in enumerate(sids):
+            self.sessions[sid].pending = _Pending(f, i)
+        return f
+
+    def _plan(self, sids, segs) -> tuple:
+        """The batch's KV slot plan and rotary tables, cached: a cohort reuses them at every
+        layer of a step (the key changes whenever a member's block table does)."""
+        key = tuple((sid, self.sessions[sid].epoch, seg.start, seg.n) for sid, seg in zip(sids, segs))
+        hit = self._plans.get(key)
+        if hit is None:
+            like = torch.empty(0, dtype=self._dtype, device=self.device)
+            hit = (self.kv.plan(sids, segs), *rope_tables(self.rotary, segs, like))
+            if len(self._plans) >= PLAN_CACHE:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = hit
+        return hit
+
+    def _regroup(self, layer: int, sids: list) -> _Flight:
+        """One flight of ``sids`` (all pending at ``layer``): theirs as it is when they are
+        exactly one whole flight, else their rows gathered from the flights they are in."""
+        pend = [self.sessions[sid].pending for sid in sids]
+        f0 = pend[0].flight
+        if all(p.flight is f0 for p in pend) and len(sids) == len(f0.sids):
+            if [p.i for p in pend] == list(range(len(sids))):
+                return f0
+        def rows(attr):
+            ts = [getattr(p.flight, attr) for p in pend]
+            if any(t is None for t in ts):
+                return None
+            return torch.cat([p.flight.rows(t, p.i) for p, t in zip(pend, ts)])
+        base = None
+        if all(p.flight.base is not None for p in pend):
+            base = {t: torch.cat([p.flight.rows(p.flight.base[t], p.i) for p in pend]) for t in ("q", "k", "v")}
+        return self._flight(layer, list(sids), [p.flight.segs[p.i] for p in pend],
+                            [p.flight.want_all[p.i] for p in pend], rows("x"), rows("normed"), base)
+
     def prepare(self) -> None:
-        """Compute the frozen ``W h + b`` of every session waiting on a reply.
+        """Compute the frozen ``W h + b`` of every flight waiting on its replies.
 
         Call while replies travel: it overlaps the round trip with the frozen path.
         """
-        groups: dict[int, list[_Pending]] = defaultdict(list)
+        flights = {}
         for s in list(self.sessions.values()):     # open() may insert from the event loop's thread
             p = s.pending
-            if p is not None and p.normed is not None and p.base is None:
-                groups[p.layer].append(p)
+            if p is not None and p.flight.normed is not None and p.flight.base is None:
+                flights[id(p.flight)] = p.flight
         with torch.no_grad():
-            for layer, ps in groups.items():
-                lw = self.layers[layer]
-                h = torch.cat([p.normed for p in ps])
-                base = {t: lw.base(t, h) for t in ("q", "k", "v")}
-                off = 0
-                for p in ps:
-                    n = p.normed.shape[0]
-                    p.base = {t: v[off:off + n] for t, v in base.items()}
-                    off += n
+            for f in flights.values():
+                lw = self.layers[f.layer]
+                f.base = {t: lw.base(t, f.normed) for t in ("q", "k", "v")}
 
     # ---- internals ---------------------------------------------------------------------
     @property
@@ -209,6 +309,10 @@ class CloudPart:
             if type(req.start) is not int or not 0 <= req.start <= s.next_pos:
                 return Error(sid, "bad_position", f"hand-off starts at {req.start}, beyond the session's "
                                                   f"{s.next_pos} cached positions")
+            floor = self.kv.rewind_floor(sid)
+            if req.start < floor:
+                return Error(sid, "bad_position", f"hand-off starts at {req.start}: the sliding window has "
+                                                  f"evicted what a query before {floor} would see")
             if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.hidden or h.shape[0] < 1:
                 return Error(sid, "bad_shape", f"hidden must be [n, {self.hidden}], got {_shape(h)}")
             if h.shape[0] > self.max_tokens_per_request:
@@ -219,9 +323,9 @@ class CloudPart:
                 return Error(sid, "not_finite", "hidden states must be finite floats")
             return None             # finiteness: checked for the whole stage in _finite
         p = s.pending
-        if p is None or p.normed is None or req.layer != p.layer:
+        if p is None or p.flight.normed is None or req.layer != p.layer:
             return Error(sid, "out_of_order", f"reply for layer {req.layer} was not asked for")
-        n = p.x.shape[0]
+        n = p.flight.segs[p.i].n
         if not isinstance(req.m, tuple) or len(req.m) != len(self.cfg.targets):
             return Error(sid, "bad_shape", f"reply must hold {len(self.cfg.targets)} tensors")
         for m in req.m:
@@ -249,100 +353,83 @@ class CloudPart:
         return good
 
     def _absorb(self, layer: int, items: list, out: list, moving: list) -> None:
-        """Finish adapted ``layer`` for a flat batch of sessions whose replies are in."""
+        """Finish adapted ``layer`` for the sessions whose replies are in: one flat batch."""
         lw = self.layers[layer]
-        sess = [self.sessions[sid] for sid, _ in items]
-        pend = [s.pending for s in sess]
-        x = torch.cat([p.x for p in pend])
-        h = torch.cat([p.normed for p in pend])
-        segs = [Segment(p.start, p.x.shape[0]) for p in pend]
-        qkv = {}
-        for t in ("q", "k", "v"):
-            if all(p.base is not None for p in pend):
-                qkv[t] = torch.cat([p.base[t] for p in pend])
-            else:
-                qkv[t] = lw.base(t, h)
+        m_of = dict(items)
+        f = self._regroup(layer, sorted(m_of, key=lambda sid: (id(self.sessions[sid].pending.flight),
+                                                               self.sessions[sid].pending.i)))
+        h = f.normed
+        qkv = dict(f.base) if f.base is not None else {t: lw.base(t, h) for t in ("q", "k", "v")}
         for i, t in enumerate(self.cfg.targets):
-            m = torch.cat([mt[i] for _, mt in items]).to(self.device, self._dtype)
+            m = torch.cat([m_of[sid][i] for sid in f.sids]).to(self.device, self._dtype)
             qkv[t] = qkv[t] + m @ self.proj.B[(layer, t)].T
-        self._finish(layer, [sid for sid, _ in items], x, qkv, segs, out, moving)
+        self._finish(f, qkv, out, moving)
 
-    def _plain(self, layer: int, sids: list[int], out: list, moving: list) -> None:
-        """An unadapted layer for a flat batch of sessions: no exchange, ``W h`` alone."""
-        lw = self.layers[layer]
-        pend = [self.sessions[sid].pending for sid in sids]
-        x = torch.cat([p.x for p in pend])
-        h = rms_norm(x, lw.ln1, lw.eps)
-        qkv = {t: lw.base(t, h) for t in ("q", "k", "v")}
-        self._finish(layer, sids, x, qkv, [Segment(p.start, p.x.shape[0]) for p in pend], out, moving)
+    def _plain(self, f: _Flight, out: list, moving: list) -> None:
+        """An unadapted layer for a flight: no exchange, ``W h`` alone."""
+        lw = self.layers[f.layer]
+        h = rms_norm(f.x, lw.ln1, lw.eps)
+        self._finish(f, {t: lw.base(t, h) for t in ("q", "k", "v")}, out, moving)
 
-    def _finish(self, layer, sids, x, qkv, segs, out, moving) -> None:
-        """Attention, MLP and residuals of ``layer``; each session moves on to the next cloud
-        layer (``moving``) or, after the last one, hands its hidden states back."""
-        lw = self.layers[layer]
+    def _finish(self, f: _Flight, qkv: dict, out: list, moving: list) -> None:
+        """Attention, MLP and residuals of the flight's layer; the flight moves on to the
+        next cloud layer (``moving``) or, after the last one, each session hands back."""
+        lw = self.layers[f.layer]
         if self.fault_hook is not None:
-            self.fault_hook(layer, list(sids))
-        sess = [self.sessions[sid] for sid in sids]
-        caches = [s.caches.setdefault(layer, KVCache()) for s in sess]
-        cos, sin = rope_tables(self.rotary, segs, x)
-        y = finish_layer(lw, x, attend(lw, qkv["q"], qkv["k"], qkv["v"], segs, caches, cos, sin))
+            self.fault_hook(f.layer, list(f.sids))
+        plan, cos, sin = f.plan
+        y = finish_layer(lw, f.x, paged_attend(lw, self.kv, plan, qkv["q"], qkv["k"], qkv["v"], cos, sin))
         self.stats.stages += 1
-        self.stats.tokens += x.shape[0]
-        self.stats.sessions += len(sids)
-        off = 0
-        nxt = self.next_layer.get(layer)
-        for sid, s in zip(sids, sess):
-            p = s.pending
-            n = p.x.shape[0]
-            yi = y[off:off + n]
-            off += n
-            if nxt is None:
-                s.pending = None
-                rows = yi if p.want_all else yi[-1:]
-                start = p.start if p.want_all else p.start + n - 1
-                out.append(Handoff(sid, start, rows.contiguous(), p.want_all))
+        self.stats.tokens += y.shape[0]
+        self.stats.sessions += len(f.sids)
+        nxt = self.next_layer.get(f.layer)
+        if nxt is not None:
+            moving.append(self._flight(nxt, f.sids, f.segs, f.want_all, y, like=f))
+            return
+        for i, sid in enumerate(f.sids):
+            self.sessions[sid].pending = None
+            seg, yi = f.segs[i], f.rows(y, i)
+            if f.want_all[i]:
+                out.append(Handoff(sid, seg.start, yi, True))
             else:
-                s.pending = _Pending(nxt, p.start, yi, p.want_all)
-                moving.append(sid)
+                out.append(Handoff(sid, seg.start + seg.n - 1, yi[-1:], False))
 
-    def _advance(self, sids: list[int], out: list) -> None:
-        """Move sessions entering cloud layers forward: unadapted layers run back to back
-        (earliest layer first, so sessions that meet at a layer share its batch) until each
-        session reaches an adapted layer, whose ``A h`` goes to its device, or hands back."""
-        waiting: dict[int, list[int]] = defaultdict(list)
-        for sid in sids:
-            waiting[self.sessions[sid].pending.layer].append(sid)
-        emit: list[int] = []
+    def _advance(self, flights: list, out: list) -> None:
+        """Move flights forward: unadapted layers run back to back (earliest layer first,
+        flights that meet at a layer merge into one batch) until each reaches an adapted
+        layer, whose ``A h`` goes to its devices, or hands back."""
+        waiting: dict[int, list] = defaultdict(list)
+        for f in flights:
+            waiting[f.layer].append(f)
+        emit: list = []
         while waiting:
             layer = min(waiting)
-            members = waiting.pop(layer)
+            fs = waiting.pop(layer)
+            f = fs[0] if len(fs) == 1 else self._regroup(layer, [sid for g in fs for sid in g.sids])
             if layer in self._adapted:
-                emit.extend(members)
+                emit.append(f)
                 continue
-            moved: list[int] = []
-            self._plain(layer, members, out, moved)
-            for sid in moved:
-                waiting[self.sessions[sid].pending.layer].append(sid)
-        self._emit(emit, out)
+            moved: list = []
+            self._plain(f, out, moved)
+            for g in moved:
+                waiting[g.layer].append(g)
+        for f in emit:
+            self._emit(f, out)
 
-    def _emit(self, sids: list[int], out: list) -> None:
-        """Norm + ``A h`` for every session entering an adapted layer, grouped by layer."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for sid in sids:
-            groups[self.sessions[sid].pending.layer].append(sid)
-        for layer, members in sorted(groups.items()):
-            lw = self.layers[layer]
-            if self.fault_hook is not None:
-                self.fault_hook(layer, list(members))
-            pend = [self.sessions[sid].pending for sid in members]
-            h = rms_norm(torch.cat([p.x for p in pend]), lw.ln1, lw.eps)
-            a = [h @ self.proj.A[(layer, k)].T for k in self.proj.a_keys()]
-            off = 0
-            for sid, p in zip(members, pend):
-                n = p.x.shape[0]
-                p.normed = h[off:off + n]
-                out.append(Activations(sid, layer, tuple(t[off:off + n].contiguous() for t in a)))
-                off += n
+    def _emit(self, f: _Flight, out: list) -> None:
+        """Norm + ``A h`` of a flight entering an adapted layer: one [k, T, r] buffer whose
+        row slices are the sessions' activations (encoded from that one buffer)."""
+        lw = self.layers[f.layer]
+        if self.fault_hook is not None:
+            self.fault_hook(f.layer, list(f.sids))
+        h = rms_norm(f.x, lw.ln1, lw.eps)
+        keys = self.proj.a_keys()
+        buf = torch.empty(len(keys), h.shape[0], self.cfg.rank, dtype=h.dtype, device=h.device)
+        for j, k in enumerate(keys):
+            torch.matmul(h, self.proj.A[(f.layer, k)].T, out=buf[j])
+        f.normed = h
+        for i, sid in enumerate(f.sids):
+            out.append(Activations(sid, f.layer, tuple(f.rows(buf[j], i) for j in range(len(keys)))))
 
 
 def _shape(t) -> str:

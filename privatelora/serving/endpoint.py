@@ -74,7 +74,8 @@ class CloudEndpoint:
                  idle_timeout_s: float = 120.0, gather_s: float = 0.01, merge: bool = False,
                  overlap: bool = True, max_loop_failures: int = 8,
                  disconnect_on_refusal: bool = True, training: bool = True,
-                 events: EndpointEvents | None = None, **server_kw):
+                 events: EndpointEvents | None = None, compute_cores: list[int] | None = None,
+                 io_cores: list[int] | None = None, **server_kw):
         self.cloud = cloud
         self.events = events or EndpointEvents()
         self._last_handoff: dict[int, tuple] = {}    # session -> (start, rows, first) of its last hand-off
@@ -92,7 +93,11 @@ class CloudEndpoint:
         self._dtype: dict[int, str] = {}             # open session -> wire dtype it declared
         self._closing: set[int] = set()
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="privatelora-cloud")
+        # the stages' thread runs on compute_cores, the event loop (sockets, frame codec) on
+        # io_cores: the codec never takes the backbone's core (Linux; ignored elsewhere)
+        self.compute_cores, self.io_cores = compute_cores, io_cores
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="privatelora-cloud",
+                                        initializer=_pin_thread, initargs=(compute_cores,))
         self._task: asyncio.Task | None = None
         self._need_prepare = False
         self.max_loop_failures = max_loop_failures
@@ -111,6 +116,7 @@ class CloudEndpoint:
         return self.server.address
 
     async def start(self) -> "CloudEndpoint":
+        _pin_thread(self.io_cores)
         await self.server.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
         return self
@@ -168,7 +174,8 @@ class CloudEndpoint:
                 "stages": self.cloud.stats.stages, "stage_tokens": self.cloud.stats.tokens,
                 "stage_sessions": self.cloud.stats.sessions,
                 "mean_batch_size": self.cloud.stats.mean_batch_sessions, "busy_s": self.busy_s,
-                "kv_bytes": self.cloud.kv_bytes(), "refusals": dict(self.server.refusals),
+                "kv_bytes": self.cloud.kv_bytes(), "kv": self.cloud.kv.gauges(),
+                "refusals": dict(self.server.refusals),
                 "disconnects": dict(self.server.disconnects), "errors": dict(self.errors),
                 "faults": dict(self.faults), "healthy": self.failure is None, "excused": sch.excused,
                 "fairness_picks": sch.stats.fairness_picks, "reclaimed": sch.stats.reclaimed,
@@ -449,3 +456,13 @@ class CloudEndpoint:
         code, reason = (e.code, e.reason) if isinstance(e, wire.WireError) else ("encode_failed", repr(e))
         self._refuse(ans.session, "encode_failed", f"the cloud could not send its answer ({code}: {reason})")
         return False
+
+
+def _pin_thread(cores) -> None:
+    """Restrict the calling thread to ``cores`` (Linux; None or elsewhere: unchanged)."""
+    import os
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return
+    want = {c for c in cores if c in os.sched_getaffinity(0)} or None
+    if want:
+        os.sched_setaffinity(0, want)       # pid 0: this thread only

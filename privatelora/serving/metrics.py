@@ -73,7 +73,7 @@ ACCEPT_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
 RT_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 17, 24, 33, 48, 65)
 
 # every label name any privatelora_* series may carry (tests check the registry against it)
-LABELS = frozenset({"direction", "kind", "reason", "le"})
+LABELS = frozenset({"direction", "kind", "reason", "state", "le"})
 
 # ---- every label value, known up front (exported at 0 from the start) ------------------
 # The codes the sources raise; tests/test_metrics.py scans the sources for codes missing
@@ -250,7 +250,16 @@ class EndpointCollector(Collector):
                      s["waiting"])
         yield _gauge("privatelora_sessions_open", "Open sessions (running, waiting or not yet handed in)",
                      s["sessions"])
-        yield _gauge("privatelora_kv_cache_usage_bytes", "Bytes held by all sessions' KV caches", s["kv_bytes"])
+        yield _gauge("privatelora_kv_cache_usage_bytes", "Bytes of the KV pool held by sessions' blocks", s["kv_bytes"])
+        kv = s["kv"]
+        yield _gauge("privatelora_kv_cache_allocated_bytes", "Bytes the KV pool allocated (its budget, rounded "
+                     "down to whole blocks)", kv["allocated_bytes"])
+        blocks = GaugeMetricFamily("privatelora_kv_cache_blocks", "KV pool blocks (block_size positions in every "
+                                   "cloud layer), by state: allocated (the pool), used (held by sessions), free",
+                                   labels=["state"])
+        for state, key in (("allocated", "blocks"), ("used", "used"), ("free", "free")):
+            blocks.add_metric([state], kv[key])
+        yield blocks
         yield _counter("privatelora_backbone_busy_seconds", "Time the backbone spent computing (stages, "
                        "precomputed frozen paths, training)", s["busy_s"])
         yield _counter("privatelora_stages_total", "Batched layer executions", s["stages"])

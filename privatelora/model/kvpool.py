@@ -1,0 +1,298 @@
+"""The cloud's KV cache: one paged pool per replica, and batched attention over it.
+
+A ``KVPool`` holds the keys and values of every session in fixed-size blocks
+(``block_size`` positions). Storage is allocated once, up to a byte budget, per cloud
+layer: ``[blocks * block_size, n_kv, head_dim]`` for K and for V. A session owns, per
+*window group* (the layers that share one sliding window, or full attention), a block
+table: the ids of the blocks that hold its positions in order. All layers of a group use
+the same table, so a session costs one block per ``block_size`` positions per group,
+whatever the number of layers.
+
+- **Reserving** (``reserve``) is all or nothing: the blocks a stage needs for every
+  session of the stage, in every group, or ``KVFull`` and nothing changes. The cloud
+  turns that into a clear ``busy`` for the session that did not fit.
+- **Truncating** (``truncate``: a rewind, a failed stage) frees the blocks past the new
+  length; **closing** (``free``) frees them all.
+- **Sliding windows evict**: in a group whose layers slide over ``window`` positions,
+  blocks wholly older than every future query can see (``evict``, called as the session
+  advances) go back to the pool. A rewind to before the evicted positions is refused
+  by the caller (``first_kept``).
+- Block 0 is never handed out and stays zero: padded rows of a batched gather read it,
+  so no stale (or uninitialised) value is ever read, and masked rows stay finite.
+
+``paged_attend`` runs one layer's attention for a flat batch of sessions in ONE
+``scaled_dot_product_attention`` call: new keys/values are written into their slots, each
+session's keys/values are gathered from its blocks into a padded batch, and a boolean
+mask applies causality, the sliding window and the padding. Two packings, chosen per
+stage by the work they cost: *padded* (``[B, Nmax]`` queries against ``[B, Smax]``
+keys: decode steps) and *flat* (all ``T`` queries against all gathered keys with a
+block-diagonal mask: one long prefill beside short decodes). ``block.attend`` with one
+``KVCache`` per session is the pure-torch reference it is tested against.
+
+Gauges: ``blocks`` (allocated), ``used``, ``free``; ``allocated_bytes`` is the bytes of
+the storage tensors themselves, ``used_bytes`` the share of it held by sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from privatelora.model.block import Segment, apply_rope
+
+BLOCK_SIZE = 16
+CPU_SHARE = 0.25        # default budget on a CPU: this share of the machine's memory
+GPU_SHARE = 0.90        # ... on a GPU: this share of what is free once the weights are loaded
+
+
+class KVFull(Exception):
+    """The pool has no room for what was asked (the session gets ``busy``)."""
+
+
+def default_budget(device) -> int:
+    """The default byte budget of the pool on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_SHARE)
+    try:
+        import os
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return int(total * CPU_SHARE)
+
+
+@dataclass
+class _Table:
+    blocks: list = field(default_factory=list)   # block id per block of positions (0: evicted)
+    length: int = 0                              # positions held
+    first_kept: int = 0                          # positions before this were evicted
+
+
+@dataclass
+class _Group:
+    window: int | None
+    layers: list                                 # layer indices of this group
+    free: list                                   # free block ids (a stack: hot blocks are reused)
+    tables: dict = field(default_factory=dict)   # session -> _Table
+
+
+class KVPool:
+    def __init__(self, layers: dict, *, n_kv: int, head_dim: int, budget_bytes: int, dtype=torch.float32,
+                 device="cpu", block_size: int = BLOCK_SIZE):
+        """``layers``: layer index -> its sliding window (None: full attention)."""
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size, self.n_kv, self.head_dim = block_size, n_kv, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.block_bytes = 2 * block_size * n_kv * head_dim * elem * len(layers)    # one block in every layer
+        self.blocks = int(budget_bytes // self.block_bytes) if layers else 0
+        if layers and self.blocks < 2:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block: one block of {block_size} "
+                             f"positions in {len(layers)} layers takes {self.block_bytes} bytes")
+        slots = self.blocks * block_size
+        self.k = {i: torch.zeros(0) for i in layers}
+        self.v = {i: torch.zeros(0) for i in layers}
+        for i in layers:
+            self.k[i] = torch.empty(slots, n_kv, head_dim, dtype=dtype, device=self.device)
+            self.v[i] = torch.empty(slots, n_kv, head_dim, dtype=dtype, device=self.device)
+            self.k[i][:block_size].zero_()             # block 0: the zero block padding reads
+            self.v[i][:block_size].zero_()
+        groups: dict = {}
+        for i, w in sorted(layers.items()):
+            groups.setdefault(w, []).append(i)
+        # every group draws from its own ids 1..blocks-1: a block id names storage in the group's layers only
+        self.groups = {w: _Group(w, ls, list(range(self.blocks - 1, 0, -1))) for w, ls in groups.items()}
+        self.group_of = {i: self.groups[w] for w, ls in groups.items() for i in ls}
+
+    # ---- gauges -----------------------------------------------------------------------
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage tensors themselves (the zero block included)."""
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of storage that sessions' blocks hold."""
+        per_layer = self.block_bytes // len(self.group_of) if self.group_of else 0
+        return sum(sum(1 for b in t.blocks if b) * per_layer * len(g.layers) for g in list(self.groups.values())
+                   for t in list(g.tables.values()))
+
+    def gauges(self) -> dict:
+        """Blocks allocated (the zero block included), used by sessions, and free, in the
+        window group with the fewest free (the one that admits); and the bytes."""
+        g = min(self.groups.values(), key=lambda g: len(g.free), default=None)
+        used = sum(sum(1 for b in t.blocks if b) for t in list(g.tables.values())) if g else 0
+        return {"blocks": self.blocks, "used": used, "free": len(g.free) if g else 0,
+                "block_size": self.block_size, "allocated_bytes": self.allocated_bytes,
+                "used_bytes": self.used_bytes}
+
+    # ---- tables -----------------------------------------------------------------------
+    def length(self, session: int) -> int:
+        g = next(iter(self.groups.values()), None)
+        t = g.tables.get(session) if g else None
+        return t.length if t else 0
+
+    def rewind_floor(self, session: int) -> int:
+        """The earliest position a hand-off may start at: a query there must still see its
+        whole sliding window (0 unless a window group evicted)."""
+        return max((t.first_kept + g.window - 1 for g in self.groups.values()
+                    if g.window is not None and (t := g.tables.get(session)) is not None and t.first_kept),
+                   default=0)
+
+    def reserve(self, wants: list) -> None:
+        """Make room for ``(session, new_length)`` pairs, all or nothing (``KVFull``)."""
+        bs = self.block_size
+        for g in self.groups.values():
+            need = 0
+            for sid, n in wants:
+                t = g.tables.get(sid)
+                need += max(0, -(-n // bs) - (len(t.blocks) if t else 0))
+            if need > len(g.free):
+                raise KVFull(f"the KV pool has {len(g.free)} free blocks of {bs} positions, this stage needs "
+                             f"{need} ({self.blocks - 1} in all, {self.block_bytes} bytes each)")
+        for g in self.groups.values():
+            for sid, n in wants:
+                t = g.tables.setdefault(sid, _Table())
+                while len(t.blocks) * bs < n:
+                    t.blocks.append(g.free.pop())
+
+    def advance(self, session: int, length: int) -> None:
+        """The session now holds ``length`` positions (after its stage wrote them)."""
+        for g in self.groups.values():
+            g.tables[session].length = length
+
+    def truncate(self, session: int, length: int) -> None:
+        """Forget positions from ``length`` on; blocks past it go back to the pool."""
+        bs = self.block_size
+        for g in self.groups.values():
+            t = g.tables.get(session)
+            if t is None:
+                continue
+            t.length = min(t.length, max(0, length))
+            keep = -(-t.length // bs)
+            while len(t.blocks) > keep:
+                b = t.blocks.pop()
+                if b:
+                    g.free.append(b)
+
+    def evict(self, session: int, next_query: int) -> None:
+        """Sliding groups: free the blocks no query from ``next_query`` on can see."""
+        bs = self.block_size
+        for g in self.groups.values():
+            t = g.tables.get(session)
+            if g.window is None or t is None:
+                continue
+            dead = max(0, next_query - g.window + 1 - bs) // bs     # keep one block of slack for rewinds
+            for j in range(dead):
+                if t.blocks[j]:
+                    g.free.append(t.blocks[j])
+                    t.blocks[j] = 0
+            t.first_kept = max(t.first_kept, dead * bs)
+
+    def free(self, session: int) -> None:
+        for g in self.groups.values():
+            t = g.tables.pop(session, None)
+            if t is not None:
+                g.free.extend(b for b in reversed(t.blocks) if b)
+
+    # ---- a stage's plan -----------------------------------------------------------------
+    def plan(self, sessions: list, segments: list[Segment]) -> "Plan":
+        """Slots to write and to gather, and the masks, for one batch; every layer of the
+        stage (and of the layers after it, until the lengths change) reuses it."""
+        return Plan(self, sessions, segments)
+
+
+class Plan:
+    """Index tensors and masks of one flat batch, per window group (built once per step)."""
+
+    def __init__(self, pool: KVPool, sessions: list, segments: list[Segment]):
+        bs, dev = pool.block_size, pool.device
+        self.segments = segments
+        ns = [s.n for s in segments]
+        lengths = [s.start + s.n for s in segments]
+        B, T, nmax, smax = len(segments), sum(ns), max(ns), max(lengths)
+        self.T = T
+        # padded packing costs B * nmax * smax scores, flat packing T * sum(lengths)
+        self.flat = B > 1 and T * sum(lengths) < B * nmax * smax
+        self.groups = {}
+        qpos = torch.cat([torch.arange(s.start, s.start + s.n) for s in segments])
+        for w, g in pool.groups.items():
+            write, read = [], []
+            for sid, seg in zip(sessions, segments):
+                t = g.tables[sid]
+                for p in range(seg.start, seg.start + seg.n):
+                    write.append(t.blocks[p // bs] * bs + p % bs)
+                read.append([t.blocks[p // bs] * bs + p % bs for p in range(seg.start + seg.n)])
+            if self.flat:
+                gather = torch.tensor([x for r in read for x in r])
+                mask = self._flat_mask(segments, qpos, w)
+            else:
+                gather = torch.tensor([r + [0] * (smax - len(r)) for r in read])
+                mask = self._padded_mask(segments, nmax, smax, w)
+            self.groups[w] = (torch.tensor(write, device=dev), gather.to(dev), None if mask is None else mask.to(dev))
+        if not self.flat:
+            self.nmax, self.smax = nmax, smax
+            # where each flat query row goes in the padded [B, nmax] layout (None: no padding)
+            rows = [b * nmax + j for b, n in enumerate(ns) for j in range(n)]
+            self.q_rows = None if nmax == 1 or all(n == nmax for n in ns) else torch.tensor(rows, device=dev)
+
+    @staticmethod
+    def _padded_mask(segments, nmax, smax, window):
+        if all(s.n == 1 for s in segments) and len({s.start for s in segments}) == 1 and \
+                (window is None or smax <= window):
+            return None                                         # a lockstep decode: every key visible
+        kpos = torch.arange(smax)[None, None, :]
+        qpos = torch.stack([torch.arange(s.start, s.start + nmax) for s in segments])[:, :, None]
+        lim = torch.tensor([s.start + s.n for s in segments])[:, None, None]
+        mask = (kpos <= qpos) & (kpos < lim)
+        if window is not None:
+            mask &= kpos > qpos - window
+        return mask[:, None]                                    # [B, 1, nmax, smax]
+
+    @staticmethod
+    def _flat_mask(segments, qpos, window):
+        owner_q = torch.cat([torch.full((s.n,), b) for b, s in enumerate(segments)])
+        owner_k = torch.cat([torch.full((s.start + s.n,), b) for b, s in enumerate(segments)])
+        kpos = torch.cat([torch.arange(s.start + s.n) for s in segments])
+        mask = (owner_q[:, None] == owner_k[None, :]) & (kpos[None, :] <= qpos[:, None])
+        if window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - window
+        return mask                                             # [T, sum(lengths)]
+
+
+def paged_attend(lw, pool: KVPool, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary + causal (sliding) attention of a flat batch over the pool, one SDPA call.
+
+    q [T, H*hd], k, v [T, KV*hd] -> [T, H*hd]. Writes this batch's keys and values into
+    their slots first (``pool.reserve`` made room; the caller advances the lengths)."""
+    T, H, KV, hd = q.shape[0], lw.n_heads, lw.n_kv, lw.head_dim
+    q = apply_rope(q.view(T, H, hd), cos, sin)
+    k = apply_rope(k.view(T, KV, hd), cos, sin)
+    write, gather, mask = plan.groups[lw.window]
+    ks, vs = pool.k[lw.index], pool.v[lw.index]
+    ks.index_copy_(0, write, k.to(ks.dtype))
+    vs.index_copy_(0, write, v.view(T, KV, hd).to(vs.dtype))
+    gqa = H != KV
+    if plan.flat:
+        kk = ks.index_select(0, gather).transpose(0, 1)[None]          # [1, KV, S, hd]
+        vv = vs.index_select(0, gather).transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, attn_mask=mask,
+                                           scale=hd ** -0.5, enable_gqa=gqa)
+        return o[0].transpose(0, 1).reshape(T, H * hd)
+    B, nmax, smax = gather.shape[0], plan.nmax, plan.smax
+    kk = ks.index_select(0, gather.view(-1)).view(B, smax, KV, hd).transpose(1, 2)
+    vv = vs.index_select(0, gather.view(-1)).view(B, smax, KV, hd).transpose(1, 2)
+    if plan.q_rows is None:
+        qq = q.view(B, nmax, H, hd)
+    else:
+        qq = q.new_zeros(B * nmax, H, hd).index_copy_(0, plan.q_rows, q).view(B, nmax, H, hd)
+    o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk, vv, attn_mask=mask, scale=hd ** -0.5,
+                                       enable_gqa=gqa)                 # [B, H, nmax, hd]
+    o = o.transpose(1, 2).reshape(B * nmax, H * hd)
+    return o if plan.q_rows is None else o.index_select(0, plan.q_rows)

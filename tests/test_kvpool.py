@@ -1,0 +1,167 @@
+"""The paged KV pool and its batched attention against the per-session reference
+(``block.attend`` over one ``KVCache`` per session), fp32 within 1e-5."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from privatelora.model.block import KVCache, Segment, attend
+from privatelora.model.kvpool import KVFull, KVPool, paged_attend
+
+TOL = 1e-5
+
+
+def _layer(index=0, heads=4, kv=2, hd=8, window=None):
+    return SimpleNamespace(index=index, n_heads=heads, n_kv=kv, head_dim=hd, window=window)
+
+
+class _Both:
+    """Drives the pool and the reference side by side over the same inputs."""
+
+    def __init__(self, layers, block_size=4, budget_blocks=64, seed=0):
+        self.layers = layers
+        lw = layers[0]
+        per_block = 2 * block_size * lw.n_kv * lw.head_dim * 4 * len(layers)
+        self.pool = KVPool({l.index: l.window for l in layers}, n_kv=lw.n_kv, head_dim=lw.head_dim,
+                           budget_bytes=budget_blocks * per_block, block_size=block_size)
+        self.ref = {}                      # (session, layer) -> KVCache
+        self.g = torch.Generator().manual_seed(seed)
+
+    def step(self, batch):
+        """batch: [(session, start, n)]; returns the largest difference over all layers."""
+        for sid, start, n in batch:
+            if start < self.pool.length(sid):
+                self.pool.truncate(sid, start)
+                for lw in self.layers:
+                    self.ref.setdefault((sid, lw.index), KVCache()).truncate(start)
+        self.pool.reserve([(sid, start + n) for sid, start, n in batch])
+        segs = [Segment(start, n) for _, start, n in batch]
+        sids = [sid for sid, _, _ in batch]
+        plan = self.pool.plan(sids, segs)
+        T = sum(s.n for s in segs)
+        worst = 0.0
+        for lw in self.layers:
+            hd = lw.head_dim
+            q = torch.randn(T, lw.n_heads * hd, generator=self.g)
+            k = torch.randn(T, lw.n_kv * hd, generator=self.g)
+            v = torch.randn(T, lw.n_kv * hd, generator=self.g)
+            cos, sin = torch.rand(T, hd, generator=self.g), torch.rand(T, hd, generator=self.g)
+            got = paged_attend(lw, self.pool, plan, q, k, v, cos, sin)
+            want = attend(lw, q, k, v, segs, [self.ref.setdefault((sid, lw.index), KVCache()) for sid in sids],
+                          cos, sin)
+            worst = max(worst, (got - want).abs().max().item())
+        for sid, start, n in batch:
+            self.pool.advance(sid, start + n)
+            self.pool.evict(sid, start + n)
+        return worst, plan
+
+
+def test_mixed_prefill_and_decode_batches_with_gqa_equal_the_reference():
+    both = _Both([_layer(0), _layer(1)])
+    err, plan = both.step([(1, 0, 5), (2, 0, 9), (3, 0, 1)])            # three prefills
+    assert err < TOL
+    err, plan = both.step([(1, 5, 1), (2, 9, 3), (3, 1, 1)])            # decode beside a verify chain
+    assert err < TOL
+    err, plan = both.step([(1, 6, 1), (2, 12, 1), (3, 2, 1)])           # decode at unequal lengths
+    assert err < TOL and not plan.flat
+    err, plan = both.step([(1, 7, 1), (2, 13, 1), (3, 3, 40), (4, 0, 1)])   # a long prefill among decodes
+    assert err < TOL and plan.flat, "a long prefill beside decodes packs flat"
+
+
+def test_lockstep_decode_needs_no_mask_and_still_equals_the_reference():
+    both = _Both([_layer(0, heads=2, kv=2)])
+    both.step([(s, 0, 3) for s in range(1, 5)])
+    err, plan = both.step([(s, 3, 1) for s in range(1, 5)])
+    assert err < TOL and plan.groups[None][2] is None
+
+
+def test_truncation_frees_blocks_and_the_rewound_session_equals_the_reference():
+    both = _Both([_layer(0)], block_size=4)
+    both.step([(1, 0, 10), (2, 0, 6)])
+    held = both.pool.gauges()["used"]
+    assert held == 3 + 2
+    err, _ = both.step([(1, 5, 1), (2, 6, 1)])          # session 1 rewinds from 10 to 5
+    assert err < TOL
+    assert both.pool.gauges()["used"] == 2 + 2         # 6 positions: 2 blocks; 7: 2 blocks
+    for _ in range(3):
+        err, _ = both.step([(1, both.pool.length(1), 1)])
+        assert err < TOL
+
+
+def test_sliding_windows_evict_and_still_equal_the_reference_and_a_full_layer_keeps_everything():
+    layers = [_layer(0, window=6), _layer(1, window=None)]
+    both = _Both(layers, block_size=4, budget_blocks=40)
+    both.step([(1, 0, 3), (2, 0, 2)])
+    for _ in range(30):
+        err, _ = both.step([(1, both.pool.length(1), 1), (2, both.pool.length(2), 1)])
+        assert err < TOL
+    slide, full = both.pool.groups[6], both.pool.groups[None]
+    assert sum(1 for b in slide.tables[1].blocks if b) <= 4       # 6 positions, one block of slack
+    assert sum(1 for b in full.tables[1].blocks if b) == 9        # 33 positions in blocks of 4
+    assert both.pool.rewind_floor(1) > 0
+    err, _ = both.step([(1, 31, 2), (2, 32, 1)])                   # a short rewind is still served
+    assert err < TOL
+
+
+def test_reserve_is_all_or_nothing_and_gauges_equal_the_real_allocation():
+    pool = KVPool({0: None, 1: None}, n_kv=2, head_dim=8, budget_bytes=10 * 2 * 4 * 2 * 8 * 4 * 2, block_size=4)
+    assert pool.blocks == 10
+    assert pool.allocated_bytes == sum(t.numel() * t.element_size() for d in (pool.k, pool.v) for t in d.values())
+    g = pool.gauges()
+    assert (g["blocks"], g["used"], g["free"]) == (10, 0, 9)         # block 0 is the zero block
+    pool.reserve([(1, 20)])                                          # 5 blocks
+    with pytest.raises(KVFull, match="free blocks"):
+        pool.reserve([(2, 8), (3, 12)])                              # 2 + 3 > 4 free: nothing taken
+    assert pool.gauges()["used"] == 5 and 2 not in pool.groups[None].tables
+    pool.reserve([(2, 16)])
+    g = pool.gauges()
+    assert (g["used"], g["free"]) == (9, 0)
+    assert g["used_bytes"] == 9 * pool.block_bytes
+    pool.free(1)
+    pool.free(2)
+    g = pool.gauges()
+    assert (g["used"], g["free"], g["used_bytes"]) == (0, 9, 0)
+    assert pool.k[0][:4].abs().sum() == 0                            # the zero block stays zero
+
+
+def test_a_budget_below_one_block_is_a_clear_error():
+    with pytest.raises(ValueError, match="holds no block"):
+        KVPool({0: None}, n_kv=2, head_dim=8, budget_bytes=100)
+
+
+def test_a_burst_of_long_prompts_beyond_the_budget_gets_busy_and_the_admitted_ones_are_exact():
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.loading import load_backbone
+    from privatelora.runtime.cloud import CloudPart
+    from privatelora.runtime.messages import Error, Handoff
+    bb = load_backbone("tiny")
+    cfg = PrivateLoRAConfig(rank=8, adapted_layers="last:1")
+    probe = CloudPart(bb, cfg, kv_cache_bytes=1 << 20)
+    budget = 7 * probe.kv.block_bytes                    # the zero block + 6 blocks of 16 positions
+    small, roomy = CloudPart(bb, cfg, kv_cache_bytes=budget), CloudPart(bb, cfg)
+    d = bb.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    prompts = {sid: torch.randn(20, d, generator=g) for sid in range(1, 6)}     # 2 blocks each
+    answers = {}
+    for cloud in (small, roomy):
+        for sid in prompts:
+            cloud.open(sid)
+        out = cloud.run([Handoff(sid, 0, h) for sid, h in prompts.items()])
+        while any(not isinstance(a, (Handoff, Error)) for a in out):
+            from privatelora.runtime.messages import Reply
+            out = [a for a in out if isinstance(a, (Handoff, Error))] + cloud.run(
+                [Reply(a.session, a.layer, tuple(torch.zeros(a.a[0].shape[0], 8) for _ in cfg.targets))
+                 for a in out if not isinstance(a, (Handoff, Error))])
+        answers[cloud is small] = {a.session: a for a in out}
+    busy = [sid for sid, a in answers[True].items() if isinstance(a, Error)]
+    assert busy == [4, 5] and all(answers[True][s].code == "busy" and "KV" in answers[True][s].reason for s in busy)
+    for sid in (1, 2, 3):
+        assert torch.allclose(answers[True][sid].hidden, answers[False][sid].hidden, atol=1e-5)
+    assert small.kv.gauges()["free"] == 0
+    small.close(1)
+    assert small.kv.gauges()["free"] == 2
+    small.close(4)
+    small.open(6)
+    (ans,) = small.run([Handoff(6, 0, prompts[4])])
+    assert not isinstance(ans, Error)                    # the freed blocks admit the next session
