@@ -6,8 +6,8 @@ layers; on the GPU when Ray gives it one or CUDA is available: ``replica_device`
 a ``CloudEndpoint`` inside the actor's own event loop and reports its address. Devices
 talk to it over TCP, not through Ray calls (docs/design.md, "Where Ray sits"); Ray only
 starts, places, watches and stops it. With ``cores`` and ``io_cores`` the endpoint's
-compute and I/O run on cores of their own where the endpoint supports it
-(``endpoint_cores``); ``kv_cache_bytes`` is the cloud part's KV budget.
+stages and its I/O run on cores of their own (``replica_cores``); ``kv_cache_bytes`` is
+the cloud part's KV budget.
 
 Metrics (``privatelora.serving.metrics``, docs/metrics.md): with ``metrics_port`` set (0:
 any free port) the replica serves its own ``/metrics`` on its endpoint's host; with
@@ -39,16 +39,14 @@ def replica_device() -> str:
     return "cuda" if ray_gpus or torch.cuda.is_available() else "cpu"
 
 
-def endpoint_cores(endpoint_cls, cores: list[int] | None,
-                   io_cores: list[int] | None) -> tuple[dict, list[int] | None]:
-    """The core keywords for ``endpoint_cls`` (``compute_cores``, ``io_cores``) and the cores
-    the replica's process is pinned to: the union of both when the endpoint takes them (it
-    then pins its compute thread and its event loop itself), else ``cores`` alone."""
-    import inspect
-    if "compute_cores" not in inspect.signature(endpoint_cls).parameters:
-        return {}, cores
-    both = sorted(set(cores or ()) | set(io_cores or ())) if cores and io_cores else cores
-    return {"compute_cores": cores, "io_cores": io_cores}, both
+def replica_cores(cores: list[int] | None, io_cores: list[int] | None) -> list[int] | None:
+    """The cores a replica's process is pinned to: its compute ``cores`` and its endpoint's
+    ``io_cores`` together (the endpoint then pins its stage thread to the first and its
+    event loop to the second); ``cores`` alone when there are no I/O cores; None (not
+    pinned) without compute cores."""
+    if not cores or not io_cores:
+        return cores
+    return sorted(set(cores) | set(io_cores))
 
 
 class BackboneReplica:
@@ -60,15 +58,14 @@ class BackboneReplica:
                  io_cores: list[int] | None = None):
         """``full_model``: benchmarks only (``bench throughput``'s HF comparison runs the whole
         HF model, LM head included): load the full backbone instead of the cloud's layers.
-        ``cores``: the stage compute's cores; ``io_cores``: the endpoint's event loop's (None:
-        not pinned apart; ``endpoint_cores``). ``kv_cache_bytes``: the cloud part's KV budget
+        ``cores``: the stages' cores; ``io_cores``: the endpoint's event loop's (None: not
+        pinned apart; ``replica_cores``). ``kv_cache_bytes``: the cloud part's KV budget
         (None: its default, from the device's memory)."""
         import torch
 
         from privatelora.placement.checks import pin_to_cores
-        from privatelora.serving.endpoint import CloudEndpoint
-        self.core_kw, pinned = endpoint_cores(CloudEndpoint, cores, io_cores)
-        pin_to_cores(pinned)
+        pin_to_cores(replica_cores(cores, io_cores))
+        self.cores, self.io_cores = cores, io_cores
 
         from privatelora.config import PrivateLoRAConfig
         torch.set_num_threads(max(1, threads))
@@ -135,7 +132,8 @@ class BackboneReplica:
                 self.cert_pem = f.read()
         self.endpoint = CloudEndpoint(self.cloud, self.host, self.port, max_sessions=self.max_sessions,
                                       idle_timeout_s=self.idle_timeout_s, gather_s=self.gather_s,
-                                      **self.core_kw, **self.endpoint_options, **tls)
+                                      compute_cores=self.cores, io_cores=self.io_cores, **self.endpoint_options,
+                                      **tls)
         if self.record_frames:
             self.endpoint.server.tap = lambda _conn, frame: self.frames.append(bytes(frame))
         if self.metrics is not None:   # this replica's own metrics (privatelora.serving.metrics)

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from privatelora.actors.backbone import endpoint_cores
+from privatelora.actors.backbone import replica_cores
 from privatelora.actors.pool import replica_resources
 from privatelora.placement import CLOUD
 
@@ -29,16 +29,10 @@ def test_a_replica_asks_ray_for_gpus_only_when_told():
         replica_resources(1, -1)
 
 
-def test_the_replica_pins_compute_and_io_cores_only_where_the_endpoint_takes_them():
-    class Old:
-        def __init__(self, cloud, **server_kw): ...
-
-    class New:
-        def __init__(self, cloud, *, compute_cores=None, io_cores=None, **server_kw): ...
-
-    assert endpoint_cores(Old, [0], [1, 2]) == ({}, [0])                 # the process stays on the compute cores
-    assert endpoint_cores(New, [0], [1, 2]) == ({"compute_cores": [0], "io_cores": [1, 2]}, [0, 1, 2])
-    assert endpoint_cores(New, None, None) == ({"compute_cores": None, "io_cores": None}, None)
+def test_the_replica_process_spans_its_compute_and_io_cores():
+    assert replica_cores([0], [1, 2]) == [0, 1, 2]        # the endpoint pins its two threads apart
+    assert replica_cores([0], None) == [0]                # not pinning apart: the compute cores only
+    assert replica_cores(None, None) is None and replica_cores(None, [1]) is None
 
 
 def _on(model, where: str):
