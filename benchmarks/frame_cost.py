@@ -3,12 +3,14 @@
 frame of ``Server.send_many``'s batched path (16 sessions' activations of one layer, views
 of one shared [3, 16, 32] buffer, encoded together).
 
-    .venv/bin/python benchmarks/frame_cost.py [--number 2000] [--repeat 7] [--registered]
+    .venv/bin/python benchmarks/frame_cost.py [--number 2000] [--repeat 7] [--registered] [--loopback 300]
 
 The bench geometry's exchange (hidden 1024, rank 32, q/k/v). Prints JSON: the median over
 ``repeat`` runs of microseconds per frame. ``--registered`` fills the privacy registry with
 an edge host's private M's (16 users x 16 layers x q/k/v, rank 32) as the bench does, so
-that a Reply's encode pays the by-value check at its realistic size.
+that a Reply's encode pays the by-value check at its realistic size. ``--loopback N``: N
+layer round trips of 16 sessions over one loopback connection, with and without the
+server's ``send_many`` and the client's coalesced writes (microseconds per round trip).
 """
 
 from __future__ import annotations
@@ -75,12 +77,65 @@ def batched(dtype: str, number: int, repeat: int) -> dict | None:
                                                         max(1, number // SESSIONS), repeat, SESSIONS)}
 
 
+async def _loopback(rounds: int, coalesce: bool, batched: bool) -> float:
+    """Microseconds per layer round trip of 16 sessions on one connection over loopback:
+    the server answers the 16 replies of a layer with 16 activations (``send_many`` from one
+    [3, 16, 32] buffer, or one ``send_nowait`` each); the client writes coalesced or not."""
+    import asyncio
+    import time
+
+    from privatelora import transport as tp
+    g = _geometry("fp32")
+    got: list = []
+    buf = torch.randn(3, SESSIONS, RANK)
+
+    async def handler(conn, msg):
+        if isinstance(msg, wire.Reply):
+            got.append(msg.session)
+            if len(got) == SESSIONS:
+                msgs = [wire.Activations(s, 3, tuple(buf[i, j:j + 1] for i in range(3))) for j, s in enumerate(got)]
+                got.clear()
+                if batched:
+                    assert not any(srv.send_many([(m, None) for m in msgs]))
+                else:
+                    for m in msgs:
+                        srv.send_nowait(m)
+
+    srv = await tp.Server(handler).start()
+    client = await tp.Client.connect(*srv.address)
+    client.coalesce = coalesce
+    sessions = [await client.open(g) for _ in range(SESSIONS)]
+    m = tuple(torch.randn(1, RANK) + 0.1 for _ in range(3))
+
+    async def device(sess):
+        for _ in range(rounds):
+            await sess.send(wire.Reply(sess.id, 3, m))
+            await sess.recv(timeout=10)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(device(s) for s in sessions))
+    dt = time.perf_counter() - t0
+    await client.close()
+    await srv.stop()
+    return round(dt / rounds * 1e6, 1)
+
+
+def loopback(rounds: int, repeat: int) -> dict:
+    import asyncio
+    out = {}
+    for name, coalesce, batched in (("per_frame_writes", False, False), ("server_send_many", False, True),
+                                    ("client_coalesced", True, False), ("both", True, True)):
+        out[name] = statistics.median(asyncio.run(_loopback(rounds, coalesce, batched)) for _ in range(repeat))
+    return {"loopback_16_sessions_us_per_layer_round_trip": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--number", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--registered", action="store_true",
                     help="register an edge host's private M's (16 users) before measuring")
+    ap.add_argument("--loopback", type=int, default=0, metavar="ROUNDS",
+                    help="also time ROUNDS layer round trips of 16 sessions on one loopback connection")
     a = ap.parse_args()
     torch.set_num_threads(1)
     keep = _register(SESSIONS) if a.registered else []
@@ -90,6 +145,8 @@ def main() -> None:
         b = batched(dtype, a.number, a.repeat)
         if b is not None:
             out[dtype].update(b)
+    if a.loopback:
+        out.update(loopback(a.loopback, a.repeat))
     print(json.dumps(out, indent=1))
 
 

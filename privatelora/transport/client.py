@@ -61,7 +61,14 @@ class Session:
 
 
 class Client:
-    """Device side of one connection; create with ``await Client.connect(...)``."""
+    """Device side of one connection; create with ``await Client.connect(...)``.
+
+    Writes are coalesced: frames sent during one pass of the event loop (an edge host's
+    sessions answering the activations that arrived together) leave in ONE transport write
+    at the end of that pass, in the order sent (``coalesce = False``: one write per frame).
+    """
+
+    coalesce = True
 
     def __init__(self, reader, writer, *, max_frame: int, compress: str,
                  link: LinkProfile | None, seed: int | None):
@@ -72,6 +79,7 @@ class Client:
         self.refusals: Counter[str] = Counter()  # incoming frames we refused
         self.errors: asyncio.Queue = asyncio.Queue()  # Error frames on session 0
         self.closed = False
+        self._out: list[bytes] = []  # frames of this loop pass, written together by _flush
         self._shaper = (Shaper(link, send=self._write_now, deliver=self._on_frame, seed=seed)
                         if link is not None and link.shaped else None)
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
@@ -136,14 +144,31 @@ class Client:
         self.stats.add(wire.UP, info)
         if self._shaper is not None:
             self._shaper.up(frame)
+        elif self.coalesce:
+            if not self._out:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._out.append(frame)
+            await self._writer.drain()
         else:
             self._write_now(frame)
             await self._writer.drain()
         return info
 
+    def _flush(self) -> None:
+        """Write the frames queued during this loop pass, in one write."""
+        if self._out:
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            self._write_now(data)
+
     def send_raw(self, frame: bytes) -> None:
-        """Write bytes as they are (relays and tests); not counted in ``stats``."""
-        self._shaper.up(frame) if self._shaper is not None else self._write_now(frame)
+        """Write bytes as they are (relays and tests), after any queued frame; not counted
+        in ``stats``."""
+        if self._shaper is not None:
+            self._shaper.up(frame)
+        else:
+            self._flush()
+            self._write_now(frame)
 
     async def recv(self, session: int, timeout: float | None = None) -> wire.Message:
         return await self._sessions[session].recv(timeout)
@@ -206,6 +231,7 @@ class Client:
         if self._shaper is not None:
             await self._shaper.flush_up()
             self._shaper.close()
+        self._flush()
         self.closed = True
         self._writer.close()
         try:
