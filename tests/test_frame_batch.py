@@ -172,3 +172,62 @@ def test_read_frame_fast_path_keeps_the_stream_guards():
         r = asyncio.StreamReader()
         assert await read_frame(r, 1 << 20, idle_s=0.05) == "idle"
     asyncio.run(main())
+
+
+def test_endpoint_sends_a_stage_from_one_buffer_and_generates_the_same_tokens(monkeypatch):
+    """Several users on one connection: each stage's activations go out through
+    ``send_many`` from the stage's one [k, T, r] buffer, converted once; tokens equal the
+    in-process run's."""
+    from privatelora.api import build_split
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.adapters import PrivateAdapter
+    from privatelora.model.loading import load_backbone
+    from privatelora.model.sampling import SamplingParams
+    from privatelora.runtime.device import DevicePart
+    from privatelora.runtime.generation import Generation
+    from privatelora.runtime.runner import InProcessRunner
+    from privatelora.serving.endpoint import CloudEndpoint
+    from privatelora.serving.remote import run_remote
+    from privatelora.wire import tensors as wire_tensors
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bb = load_backbone("tiny-llama")
+        cfg = PrivateLoRAConfig(rank=4)
+        adapters = [PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(u, scale=1.0) for u in range(3)]
+        prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+        params = SamplingParams(max_new_tokens=6)
+        want = []
+        for a, p in zip(adapters, prompts):
+            g = Generation(DevicePart(bb, cfg, a).session(1), p, params)
+            InProcessRunner(build_split(cfg=cfg, backbone=bb).cloud).run([g])
+            want.append(g.tokens)
+        built = []
+        real = wire_tensors.SharedBuffer.__init__
+
+        def counting(self, *args):
+            built.append(args[1])
+            real(self, *args)
+        monkeypatch.setattr(wire_tensors.SharedBuffer, "__init__", counting)
+        batches = []
+
+        async def main():
+            async with CloudEndpoint(build_split(cfg=cfg, backbone=bb).cloud, gather_s=0.05) as ep:
+                real_many = ep.server.send_many
+
+                def spy(items):
+                    batches.append(len(items))
+                    return real_many(items)
+                ep.server.send_many = spy
+                client = await tp.Client.connect(*ep.address)
+                gens = await asyncio.gather(*(run_remote(client, DevicePart(bb, cfg, a), p, params, dtype="fp32")
+                                              for a, p in zip(adapters, prompts)))
+                await client.close()
+                return [g.tokens for g in gens]
+        got = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want
+    assert built and set(built) == {"fp32"}          # stage buffers were converted once each
+    assert max(batches) > 1                          # some stage answered several sessions at once
