@@ -176,8 +176,23 @@ def encode(msg: Message, *, key: bytes | None, direction: str, **kw) -> bytes:
     return encode_frame(msg, key=key, direction=direction, **kw)[0]
 
 
+_LAST_SPLIT: tuple = (None, 0, None)   # (frame, max_frame, result): peek_header then decode_frame
+_MEMO_MAX = 64 << 10                   # ... of one small immutable frame parse its header once
+
+
 def _split(buf: Any, max_frame: int):
     """Check prefix and header; return (view, Header, Kind)."""
+    global _LAST_SPLIT
+    last = _LAST_SPLIT
+    if last[0] is buf and last[1] == max_frame:
+        return last[2]
+    res = _split_new(buf, max_frame)
+    if type(buf) is bytes and len(buf) <= _MEMO_MAX:
+        _LAST_SPLIT = (buf, max_frame, res)
+    return res
+
+
+def _split_new(buf: Any, max_frame: int):
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise FrameError("bad_type", f"a frame is bytes, not {type(buf).__name__}")
     view = memoryview(buf).cast("B") if isinstance(buf, memoryview) else memoryview(buf)
