@@ -1,4 +1,4 @@
-"""The cloud part: frozen decoder layers, shared A and B, per-session KV caches.
+"""The cloud part: frozen decoder layers, shared A and B, one paged KV pool.
 
 Contract: ``CloudPart.run(requests)`` executes one stage for many sessions at once. A
 request is a ``Handoff`` (hidden states entering the first cloud layer) or a ``Reply``
@@ -11,27 +11,39 @@ layer. The answer holds, per request, the session's next ``Activations`` (``A h`
 next adapted layer), a ``Handoff`` back to the device after the last cloud layer, or an
 ``Error`` that affects that session alone.
 
-A ``Handoff`` whose ``start`` lies before the session's next position rewinds it: the
-session's KV caches are truncated to ``start`` first (the device rejected speculative
-tokens). A ``start`` beyond the session's own cache is refused; a rewind touches nothing
-but that session's caches.
+Batches are *flights* (``_Flight``): the sessions that cross a layer together, as one flat
+``[T, d]`` tensor. A cohort in lockstep stays one flight from layer to layer, so nothing
+is split per session and re-joined inside a step; its KV slot plan and rotary tables are
+built once per step, and its ``A h`` is one ``[k, T, r]`` buffer whose row slices are the
+sessions' activations. Flights split or merge only when members part or meet.
 
-A stage that raises (out of memory while a cache grows, a kernel failure) is isolated:
-every session it touched is restored to where it stood before the stage (caches cut back
-to their lengths, positions and in-flight residuals as they were) and run again alone;
+KV cache (``privatelora.model.kvpool``): one pool per part, in blocks, within a byte
+budget (``kv_cache_bytes``; default from the device's memory). A hand-off reserves the
+blocks its positions need; a session that does not fit gets ``Error("busy")`` and the
+others run. Attention is one batched call per layer over the pool. Closing a session
+frees its blocks; sliding-window layers give back blocks no future query can see.
+
+A ``Handoff`` whose ``start`` lies before the session's next position rewinds it: the
+session's KV blocks past ``start`` are freed first (the device rejected speculative
+tokens). A ``start`` beyond the session's own cache is refused, and so is one a sliding
+window already evicted; a rewind touches nothing but that session's blocks.
+
+A stage that raises (a kernel failure, out of memory) is isolated: every session it
+touched is restored to where it stood before the stage (KV cut back to its length,
+positions and in-flight flights as they were) and run again alone;
 a session whose request fails alone too gets ``Error("stage_failed")``, the others their
 answers, exactly as if the stage had not failed. ``fault_hook(layer, sessions)``, if set,
 is called before each layer's batched work and each ``A h`` (tests inject failures with it).
 
 The cloud holds no private tensor: no M, no token ids, no logits (test: every state name
-is free of the private prefix). Its only per-session state is the KV cache and the
+is free of the private prefix). Its only per-session state is its KV blocks and the
 in-flight residual of the stage it waits on.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -73,6 +85,12 @@ class _Pending:
     @property
     def layer(self) -> int:
         return self.flight.layer
+
+    @property
+    def normed(self) -> torch.Tensor | None:
+        """The session's rows of the layer's input norm, once its ``A h`` went out."""
+        f = self.flight
+        return None if f.normed is None else f.rows(f.normed, self.i)
 
 
 @dataclass
