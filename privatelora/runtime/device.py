@@ -71,10 +71,21 @@ class DevicePart:
     def m_of(self, layer: int, a: tuple) -> tuple:
         """The reply ``M_t a`` for every target; ``a`` holds one tensor per A."""
         akeys = ("shared",) if self.cfg.shared_a else self.cfg.targets
-        by_key = dict(zip(akeys, a))
         dt = self.cfg.torch_dtype
-        return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
-                     for t in self.cfg.targets)
+        if torch.is_grad_enabled():   # autograd through M: the plain products, no cached views
+            by_key = dict(zip(akeys, a))
+            return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
+                         for t in self.cfg.targets)
+        plans = self.__dict__.setdefault("_m_plans", {})
+        plan = plans.get(layer)
+        if plan is None or plan[0] is not self.adapter:
+            # per layer, once: which a each target multiplies and its M^T (a detached view of
+            # the adapter's M: in-place changes of M show through); the same products as above
+            where = {k: i for i, k in enumerate(akeys)}
+            plan = (self.adapter, tuple((where[self.proj.a_key(t)], self.adapter.get(layer, t).detach().T)
+                                        for t in self.cfg.targets))
+            plans[layer] = plan
+        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in plan[1])
 
     def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
         """A whole layer on the device (head/tail layers): M applied locally if it is adapted."""
