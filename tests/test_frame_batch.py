@@ -231,3 +231,15 @@ def test_endpoint_sends_a_stage_from_one_buffer_and_generates_the_same_tokens(mo
     assert got == want
     assert built and set(built) == {"fp32"}          # stage buffers were converted once each
     assert max(batches) > 1                          # some stage answered several sessions at once
+
+
+def test_encode_many_converts_no_hand_off_buffer():
+    """A hand-off's tensor is often the last row of a much larger one: it is encoded alone,
+    never by converting its whole base."""
+    g = geometry("fp16")
+    big = torch.randn(64, 32)
+    shared: dict = {}
+    msgs = [wire.Handoff(1, 0, big[-1:], False), wire.Handoff(2, 0, big[-2:], False)]
+    got = wire.encode_many([(m, KEY, g, None) for m in msgs], direction="down", shared=shared)
+    assert got == [wire.encode_frame(m, key=KEY, direction="down", geometry=g) for m in msgs]
+    assert not shared

@@ -154,10 +154,11 @@ def encode_many(jobs, *, direction: str, compress: str = "auto", max_frame: int 
     (the arguments of ``encode_frame``). Returns one entry per job, in order: ``(frame,
     FrameInfo)``, or the exception ``encode_frame`` would have raised for that message alone
     (a refusal of one message never affects another). Frames are byte-identical to
-    ``encode_frame``'s. Tensors that are whole-row views ``buf[i, off:off+n]`` of one
-    contiguous tensor ``buf`` (their ``_base``) are converted to the wire dtype once per
-    buffer for all the frames (``tensors.SharedBuffer``), not once per frame; others are
-    encoded as ``encode_frame`` does. ``shared``: a dict to reuse conversions across calls
+    ``encode_frame``'s. ``Activations`` / ``Reply`` tensors that are whole-row views
+    ``buf[i, off:off+n]`` of one contiguous tensor ``buf`` (their ``_base``, e.g. a stage's
+    [k, T, r] buffer) are converted to the wire dtype once per buffer for all the frames
+    (``tensors.SharedBuffer``: the whole buffer is converted, so it should hold what the
+    batch sends); any other message is encoded as ``encode_frame`` does. ``shared``: a dict to reuse conversions across calls
     of one batch (the server passes one per ``send_many``)."""
     if direction not in (UP, DOWN):
         raise ValueError(f"direction must be {UP!r} or {DOWN!r}, not {direction!r}")

@@ -126,7 +126,7 @@ def _layer_tensors(cls, field: str, count: Callable[[Geometry], int]):
         if g is not None and ctx.dtype != g.dtype:
             raise GeometryError("bad_dtype", f"session declared {g.dtype}, not {ctx.dtype}")
         ts = pack_group(ctx, getattr(msg, field), count(g) if g else None, g.rank if g else None,
-                        g.max_tokens if g else MAX_TOKENS, field)
+                        g.max_tokens if g else MAX_TOKENS, field, shareable=True)
         return {"l": msg.layer, field: ts}
 
     def dec(session, body, ctx):

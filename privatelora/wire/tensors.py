@@ -119,7 +119,10 @@ def unpack_tensor(ctx: FrameContext, v: Any, count: int, cols: int, max_rows: in
     return tuple(map(torch.from_numpy, x))  # one tensor each, no parent tensor (~1 us a frame)
 
 
-def pack_group(ctx, ts, count, cols, max_rows, what) -> list:
+def pack_group(ctx, ts, count, cols, max_rows, what, shareable: bool = False) -> list:
+    """Check and pack a group of tensors into one record. ``shareable``: the kind's tensors
+    may be views of a stage buffer that ``encode_many`` converts once (Activations, Reply;
+    not a hand-off, whose tensor is often a row of a much larger one)."""
     err = PrivacyError if ctx.direction == UP else GeometryError
     if not isinstance(ts, (tuple, list)) or not 1 <= len(ts) <= MAX_TARGETS \
             or (count is not None and len(ts) != count):
@@ -130,7 +133,7 @@ def pack_group(ctx, ts, count, cols, max_rows, what) -> list:
     for t in ts:
         if t.shape != shape:
             raise err("bad_shape", f"{what} tensors must share one shape")
-    shared = _shared_slice(ctx, ts) if ctx.shared is not None else None
+    shared = _shared_slice(ctx, ts) if shareable and ctx.shared is not None else None
     if shared is not None:   # views of one buffer converted once (``encode_many``)
         buf, offsets = shared
         record, x = buf.record(ctx, offsets, shape[0], what)
@@ -165,7 +168,8 @@ class SharedBuffer:
     is not all finite)."""
 
     def __init__(self, base: torch.Tensor, dtype: str, cols: int):
-        self.dtype, self.cols = dtype, cols
+        self.dtype, self.cols, self.torch_dtype = dtype, cols, base.dtype
+        self.start, self.end = base.storage_offset(), base.storage_offset() + base.numel()
         # elements between rows i and i+1 of a [k, T, r] buffer: one slice gathers a frame's views
         self.span = base.stride(0) if base.dim() == 3 and base.shape[2] == cols else 0
         self.x = _as_float32(base).reshape(-1)                       # float32, flat
@@ -188,27 +192,30 @@ class SharedBuffer:
         else:
             self.w = self.x.astype("<f4", copy=False)
             self.finite = bool(np.isfinite(self.w).all())
+        if self.span:
+            self.x2 = self.x.reshape(-1, self.span)
+            self.w2 = self.w.reshape(-1, self.span) if self.finite else None
 
-    def _gather(self, a: np.ndarray, offsets: list[int], n: int) -> np.ndarray:
-        """a[o:o+n] for each offset, stacked: one strided slice when the views are rows
-        ``i..i+count`` of a [k, T, r] buffer at one token range (the stage's layout)."""
-        if self.span and offsets[0] % self.span + n <= self.span and \
-                all(o - offsets[0] == j * self.span for j, o in enumerate(offsets)):
-            i, c = divmod(offsets[0], self.span)
-            return a.reshape(-1, self.span)[i:i + len(offsets), c:c + n]
+    def _gather(self, a: np.ndarray, a2, offsets: list[int], n: int) -> np.ndarray:
+        """a[o:o+n] for each offset, stacked: one strided slice of ``a2`` (``a`` as [k, T*r])
+        when the views are rows ``i..i+count`` of a [k, T, r] buffer at one token range."""
+        span, o0 = self.span, offsets[0]
+        if span and o0 % span + n <= span and offsets == list(range(o0, o0 + len(offsets) * span, span)):
+            i, c = divmod(o0, span)
+            return a2[i:i + len(offsets), c:c + n]
         return np.stack([a[o:o + n] for o in offsets])
 
     def record(self, ctx: FrameContext, offsets: list[int], rows: int, what: str) -> tuple[list, np.ndarray | None]:
         """The record of the views starting at flat element ``offsets`` ([rows, cols] each),
         and (up frames only: the by-value check) their float32 stack [count, rows, cols]."""
         n, cols, count = rows * self.cols, self.cols, len(offsets)
-        x = self._gather(self.x, offsets, n).reshape(count, rows, cols) \
+        x = self._gather(self.x, getattr(self, "x2", None), offsets, n).reshape(count, rows, cols) \
             if ctx.direction == UP or not self.finite else None
         if not self.finite:          # some rows of the buffer are bad: are this message's?
             return pack_tensor(ctx, x, what), x
         ctx.raw += count * n * DTYPES[ctx.dtype]
         code = DTYPE_CODES[ctx.dtype]
-        data = self._gather(self.w, offsets, n).tobytes()
+        data = self._gather(self.w, getattr(self, "w2", None), offsets, n).tobytes()
         if self.dtype == "int8":
             scales = b"".join([self.scale[o // cols:o // cols + rows].tobytes() for o in offsets])
             return [code, count, rows, cols, data, scales], x
@@ -217,25 +224,27 @@ class SharedBuffer:
 
 def _shared_slice(ctx: FrameContext, ts) -> tuple[SharedBuffer, list[int]] | None:
     """(buffer, flat offsets) if every tensor of ``ts`` is a whole-rows contiguous view of one
-    contiguous base tensor; None (encode them alone) otherwise. Called after ``_check_out``."""
-    base = ts[0]._base
-    if base is None or not base.is_contiguous() or base.is_neg():
+    contiguous base tensor; None (encode them alone) otherwise. Called after ``_check_out``.
+    What holds for the whole base is checked once per base (``ctx.shared``)."""
+    t0 = ts[0]
+    base = t0._base
+    if base is None:
         return None
-    cols = ts[0].shape[1]
-    if base.numel() % cols:
+    cols = t0.shape[1]
+    key = (id(base), ctx.dtype, cols)
+    entry = ctx.shared.get(key)
+    if entry is None:   # base kept in the entry: its id() stays unique for the batch
+        usable = base.is_contiguous() and not base.is_neg() and base.numel() % cols == 0
+        entry = ctx.shared[key] = (base, SharedBuffer(base, ctx.dtype, cols) if usable else None)
+    buf = entry[1]
+    if buf is None:
         return None
-    start, end = base.storage_offset(), base.storage_offset() + base.numel()
-    n = ts[0].shape[0] * cols
+    start, end, dtype, n = buf.start, buf.end, buf.torch_dtype, t0.shape[0] * cols
     offsets = []
-    dtype = base.dtype
     for t in ts:
         o = t.storage_offset()
         if t._base is not base or t.dtype is not dtype or not t.is_contiguous() or (o - start) % cols \
                 or o < start or o + n > end:
             return None
         offsets.append(o - start)
-    key = (id(base), ctx.dtype, cols)
-    entry = ctx.shared.get(key)
-    if entry is None:
-        entry = ctx.shared[key] = (base, SharedBuffer(base, ctx.dtype, cols))   # base: keeps id() unique
-    return entry[1], offsets
+    return buf, offsets
