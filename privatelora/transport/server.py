@@ -18,6 +18,9 @@ Contract
   drain. A peer whose unsent bytes pass ``max_pending_write`` (``slow_reader``) or whose
   socket does not drain within ``send_timeout_s`` (``send_timeout``) is disconnected: its
   read loop ends, and every session it opened gets a synthesised ``Close``.
+  ``send_many([(msg, dtype), ...])`` sends a stage's answers: one write per connection,
+  views of one stage buffer converted once (``wire.encode_many``); it returns, per message,
+  None or the exception ``send_nowait`` would have raised for it alone.
 - Slow and idle peers: a frame, once begun, must be whole within ``frame_timeout_s``
   (``slow_frame``); a connection that holds no session must send within
   ``idle_connection_s`` (``idle``), and its frames may not exceed ``OPEN_MAX_FRAME`` (an
