@@ -243,3 +243,19 @@ def test_encode_many_converts_no_hand_off_buffer():
     got = wire.encode_many([(m, KEY, g, None) for m in msgs], direction="down", shared=shared)
     assert got == [wire.encode_frame(m, key=KEY, direction="down", geometry=g) for m in msgs]
     assert not shared
+
+
+def test_cached_mac_states_give_hmac_sha256_and_stay_bounded(monkeypatch):
+    import hmac
+    import os
+
+    from privatelora.wire import frames
+    for n in (1, 16, 32, 38, 64, 65, 200):
+        k, data = os.urandom(n), os.urandom(333)
+        want = hmac.digest(k, data, "sha256")[: wire.TAG_LEN]
+        assert frames._tag(k, data) == want == frames._tag(k, data)       # cold and cached
+        assert frames._tag(bytearray(k), memoryview(data)) == want
+    monkeypatch.setattr(frames, "MAC_CACHE_KEYS", 8)
+    for _ in range(20):
+        frames._tag(os.urandom(32), b"x")
+    assert len(frames._MAC_STATES) <= 8

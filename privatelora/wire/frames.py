@@ -81,11 +81,13 @@ _IPAD, _OPAD = bytes(x ^ 0x36 for x in range(256)), bytes(x ^ 0x5C for x in rang
 
 def _tag(key: bytes, signed) -> bytes:
     """HMAC-SHA256(key, signed)[:TAG_LEN], the same bytes as ``hmac.digest``."""
+    if type(key) is not bytes:      # a bytearray or view: not hashable, not cached
+        return hmac.digest(key, signed, "sha256")[:TAG_LEN]
     st = _MAC_STATES.get(key)
     if st is None:
         k = (key if len(key) <= 64 else hashlib.sha256(key).digest()).ljust(64, b"\0")
         st = (hashlib.sha256(k.translate(_IPAD)), hashlib.sha256(k.translate(_OPAD)))
-        if len(_MAC_STATES) >= MAC_CACHE_KEYS:
+        while _MAC_STATES and len(_MAC_STATES) >= MAC_CACHE_KEYS:
             _MAC_STATES.pop(next(iter(_MAC_STATES), None), None)    # the oldest key
         _MAC_STATES[key] = st
     inner = st[0].copy()
