@@ -33,6 +33,8 @@ from privatelora.transport import Server
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_S = 1e-4     # the GIL's switch interval when compute and IO run on their own cores
+
 
 class EndpointEvents:
     """What a ``CloudEndpoint`` reports as it works (metrics subscribe; default: nothing).
@@ -116,6 +118,13 @@ class CloudEndpoint:
         return self.server.address
 
     async def start(self) -> "CloudEndpoint":
+        if self.io_cores:
+            # the stage thread and the event loop now run at once on different cores, but
+            # share the GIL: each torch op the stage thread finishes waits for the loop's
+            # Python code to let go of it, up to the switch interval (5 ms by default, about
+            # a layer's time). A short interval bounds that wait.
+            import sys
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         _pin_thread(self.io_cores)
         await self.server.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
