@@ -108,6 +108,18 @@ class KVPool:
         # every group draws from its own ids 1..blocks-1: a block id names storage in the group's layers only
         self.groups = {w: _Group(w, ls, list(range(self.blocks - 1, 0, -1))) for w, ls in groups.items()}
         self.group_of = {i: self.groups[w] for w, ls in groups.items() for i in ls}
+        self._scratch: dict = {}      # "k"/"v" -> the gather's output buffer, reused by every layer
+
+    def scratch(self, name: str, rows: int) -> torch.Tensor:
+        """A reused ``[rows, n_kv, head_dim]`` buffer for a gather's output. A fresh
+        multi-megabyte tensor per layer costs its page faults every time (a gather into
+        one took 4-6x as long as into a reused buffer); gauges count it in neither."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, 2 * (0 if buf is None else buf.shape[0])), self.n_kv, self.head_dim,
+                              dtype=self.dtype, device=self.device)
+            self._scratch[name] = buf
+        return buf[:rows]
 
     # ---- gauges -----------------------------------------------------------------------
     @property
@@ -279,15 +291,17 @@ def paged_attend(lw, pool: KVPool, plan: Plan, q: torch.Tensor, k: torch.Tensor,
     ks.index_copy_(0, write, k.to(ks.dtype))
     vs.index_copy_(0, write, v.view(T, KV, hd).to(vs.dtype))
     gqa = H != KV
+    n = gather.numel()
+    kk = torch.index_select(ks, 0, gather.view(-1), out=pool.scratch("k", n))
+    vv = torch.index_select(vs, 0, gather.view(-1), out=pool.scratch("v", n))
     if plan.flat:
-        kk = ks.index_select(0, gather).transpose(0, 1)[None]          # [1, KV, S, hd]
-        vv = vs.index_select(0, gather).transpose(0, 1)[None]
+        kk, vv = kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]    # [1, KV, S, hd]
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, attn_mask=mask,
                                            scale=hd ** -0.5, enable_gqa=gqa)
         return o[0].transpose(0, 1).reshape(T, H * hd)
     B, nmax, smax = gather.shape[0], plan.nmax, plan.smax
-    kk = ks.index_select(0, gather.view(-1)).view(B, smax, KV, hd).transpose(1, 2)
-    vv = vs.index_select(0, gather.view(-1)).view(B, smax, KV, hd).transpose(1, 2)
+    kk = kk.view(B, smax, KV, hd).transpose(1, 2)
+    vv = vv.view(B, smax, KV, hd).transpose(1, 2)
     if plan.q_rows is None:
         qq = q.view(B, nmax, H, hd)
     else:
