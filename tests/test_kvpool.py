@@ -165,3 +165,53 @@ def test_a_burst_of_long_prompts_beyond_the_budget_gets_busy_and_the_admitted_on
     small.open(6)
     (ans,) = small.run([Handoff(6, 0, prompts[4])])
     assert not isinstance(ans, Error)                    # the freed blocks admit the next session
+
+
+def test_a_burst_over_tcp_beyond_the_byte_budget_gets_busy_and_the_replica_serves_on():
+    """Five devices send 40-token prompts at once to an endpoint whose KV pool holds two of
+    them: the others get ``busy`` (never an out-of-memory), the admitted ones generate what
+    they generate alone, every block comes back, and the next session is served."""
+    import asyncio
+
+    from privatelora.config import PrivateLoRAConfig
+    from privatelora.model.adapters import PrivateAdapter
+    from privatelora.model.loading import load_backbone
+    from privatelora.model.sampling import SamplingParams
+    from privatelora.runtime.cloud import CloudPart
+    from privatelora.runtime.device import DevicePart
+    from privatelora.serving.endpoint import CloudEndpoint
+    from privatelora.serving.remote import run_remote
+    from privatelora.transport import Client
+    bb = load_backbone("tiny")
+    cfg = PrivateLoRAConfig(rank=8)
+    per_block = CloudPart(bb, cfg, kv_cache_bytes=1 << 20).kv.block_bytes
+    params = SamplingParams(max_new_tokens=4)
+    prompts = [[(11 * u + 3 * i) % 400 + 2 for i in range(40)] for u in range(6)]    # 40 + 4 positions: 3 blocks
+
+    def device(u):
+        return DevicePart(bb, cfg, PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(u, scale=0.5))
+
+    async def main(budget_blocks, users):
+        cloud = CloudPart(bb, cfg, kv_cache_bytes=(budget_blocks + 1) * per_block)
+        async with CloudEndpoint(cloud, max_wait_s=0.5) as ep:
+            client = await Client.connect(*ep.address)
+            gens = await asyncio.gather(*[run_remote(client, device(u), prompts[u], params) for u in users])
+            for _ in range(200):
+                if not ep.stats()["sessions"]:
+                    break
+                await asyncio.sleep(0.01)
+            after = ep.stats()
+            late = await run_remote(client, device(5), prompts[5], params)
+            await client.close()
+            ep.check_health()
+            return gens, after, late
+
+    alone = {u: asyncio.run(main(64, [u]))[0][0].tokens for u in range(6)}
+    gens, after, late = asyncio.run(main(6, range(5)))
+    busy = [g for g in gens if g.error is not None]
+    served = [(u, g) for u, g in enumerate(gens) if g.error is None]
+    assert len(served) >= 2 and busy, [g.error for g in gens]
+    assert all(g.error.code == "busy" and "KV cache" in g.error.reason for g in busy)
+    assert all(g.tokens == alone[u] for u, g in served)
+    assert after["kv"]["used"] == 0 and after["kv"]["free"] == 6 and after["errors"].get("busy") == len(busy)
+    assert late.error is None and late.tokens == alone[5]
