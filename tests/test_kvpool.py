@@ -106,10 +106,10 @@ def test_sliding_windows_evict_and_still_equal_the_reference_and_a_full_layer_ke
 
 def test_reserve_is_all_or_nothing_and_gauges_equal_the_real_allocation():
     pool = KVPool({0: None, 1: None}, n_kv=2, head_dim=8, budget_bytes=10 * 2 * 4 * 2 * 8 * 4 * 2, block_size=4)
-    assert pool.blocks == 10
+    assert pool.capacity == pool.allocated == 10
     assert pool.allocated_bytes == sum(t.numel() * t.element_size() for d in (pool.k, pool.v) for t in d.values())
     g = pool.gauges()
-    assert (g["blocks"], g["used"], g["free"]) == (10, 0, 9)         # block 0 is the zero block
+    assert (g["blocks"], g["used"], g["free"], g["capacity"]) == (10, 0, 9, 10)     # block 0: the zero block
     pool.reserve([(1, 20)])                                          # 5 blocks
     with pytest.raises(KVFull, match="free blocks"):
         pool.reserve([(2, 8), (3, 12)])                              # 2 + 3 > 4 free: nothing taken
@@ -123,6 +123,24 @@ def test_reserve_is_all_or_nothing_and_gauges_equal_the_real_allocation():
     g = pool.gauges()
     assert (g["used"], g["free"], g["used_bytes"]) == (0, 9, 0)
     assert pool.k[0][:4].abs().sum() == 0                            # the zero block stays zero
+
+
+def test_storage_grows_as_sessions_need_it_and_never_past_the_budget():
+    pool = KVPool({0: None, 1: None}, n_kv=2, head_dim=8, budget_bytes=100 * 2 * 4 * 2 * 8 * 4 * 2, block_size=4)
+    assert (pool.capacity, pool.allocated) == (100, 16)
+    assert pool.allocated_bytes == 16 * pool.block_bytes
+    k0 = torch.randn(4, 2, 8)
+    pool.reserve([(1, 4)])
+    slot = pool.groups[None].tables[1].blocks[0] * 4
+    pool.k[0][slot:slot + 4] = k0
+    pool.reserve([(2, 4 * 40)])                                      # 40 more: storage grows to hold id 41
+    assert pool.allocated == 42 and pool.allocated_bytes == 42 * pool.block_bytes
+    assert torch.equal(pool.k[0][slot:slot + 4], k0) and pool.k[0][:4].abs().sum() == 0   # held data kept
+    with pytest.raises(KVFull):
+        pool.reserve([(3, 4 * 60)])                                  # 60 > 58 free: refused, nothing grows
+    assert pool.allocated == 42
+    pool.reserve([(3, 4 * 58)])
+    assert pool.allocated == 100 and pool.gauges()["free"] == 0     # capped at the budget
 
 
 def test_a_budget_below_one_block_is_a_clear_error():

@@ -179,9 +179,10 @@ def test_kv_gauges_equal_the_pools_real_allocation(load):
     pool = load["ep"].cloud.kv
     assert load["mid"]["blocks_used"] >= 1
     real = sum(t.numel() * t.element_size() for d in (pool.k, pool.v) for t in d.values())
-    assert _v(load, "privatelora_kv_cache_allocated_bytes") == real == pool.blocks * pool.block_bytes
+    assert _v(load, "privatelora_kv_cache_allocated_bytes") == real == pool.allocated * pool.block_bytes
     allocated, used, free = (_v(load, "privatelora_kv_cache_blocks", state=s) for s in ("allocated", "used", "free"))
-    assert allocated == pool.blocks and used == 0 and free == pool.blocks - 1     # block 0: the zero block
+    assert allocated == pool.allocated and used == 0 and free == pool.allocated - 1     # block 0: the zero block
+    assert _v(load, "privatelora_kv_cache_blocks", state="capacity") == pool.capacity >= pool.allocated
 
 
 def test_no_series_identifies_a_user_or_session(load):

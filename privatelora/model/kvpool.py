@@ -1,8 +1,10 @@
 """The cloud's KV cache: one paged pool per replica, and batched attention over it.
 
 A ``KVPool`` holds the keys and values of every session in fixed-size blocks
-(``block_size`` positions). Storage is allocated once, up to a byte budget, per cloud
-layer: ``[blocks * block_size, n_kv, head_dim]`` for K and for V. A session owns, per
+(``block_size`` positions) within a byte budget. Storage, per cloud layer, is
+``[blocks * block_size, n_kv, head_dim]`` for K and for V: on a GPU the whole budget at
+once; on a CPU it starts small and doubles as sessions hold more blocks, never past the
+budget (block ids are handed out lowest first and reused first, so it follows the peak). A session owns, per
 *window group* (the layers that share one sliding window, or full attention), a block
 table: the ids of the blocks that hold its positions in order. All layers of a group use
 the same table, so a session costs one block per ``block_size`` positions per group,
@@ -29,8 +31,9 @@ keys: decode steps) and *flat* (all ``T`` queries against all gathered keys with
 block-diagonal mask: one long prefill beside short decodes). ``block.attend`` with one
 ``KVCache`` per session is the pure-torch reference it is tested against.
 
-Gauges: ``blocks`` (allocated), ``used``, ``free``; ``allocated_bytes`` is the bytes of
-the storage tensors themselves, ``used_bytes`` the share of it held by sessions.
+Gauges: ``blocks`` (allocated), ``used``, ``free`` and ``capacity`` (the budget);
+``allocated_bytes`` is the bytes of the storage tensors themselves, ``used_bytes`` the
+share of it held by sessions.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from privatelora.model.block import Segment, apply_rope
 
 BLOCK_SIZE = 16
+INITIAL_BLOCKS = 16     # storage allocated up front; it doubles as sessions need more, up to the budget
 CPU_SHARE = 0.25        # default budget on a CPU: this share of the machine's memory
 GPU_SHARE = 0.90        # ... on a GPU: this share of what is free once the weights are loaded
 
@@ -90,25 +94,39 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         elem = torch.empty((), dtype=dtype).element_size()
         self.block_bytes = 2 * block_size * n_kv * head_dim * elem * len(layers)    # one block in every layer
-        self.blocks = int(budget_bytes // self.block_bytes) if layers else 0
-        if layers and self.blocks < 2:
+        self.capacity = int(budget_bytes // self.block_bytes) if layers else 0     # the budget, in blocks
+        if layers and self.capacity < 2:
             raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block: one block of {block_size} "
                              f"positions in {len(layers)} layers takes {self.block_bytes} bytes")
-        slots = self.blocks * block_size
-        self.k = {i: torch.zeros(0) for i in layers}
-        self.v = {i: torch.zeros(0) for i in layers}
-        for i in layers:
-            self.k[i] = torch.empty(slots, n_kv, head_dim, dtype=dtype, device=self.device)
-            self.v[i] = torch.empty(slots, n_kv, head_dim, dtype=dtype, device=self.device)
-            self.k[i][:block_size].zero_()             # block 0: the zero block padding reads
-            self.v[i][:block_size].zero_()
+        self.allocated = 0            # blocks the storage holds now (block 0 included); grows up to capacity
+        self.k = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
+        self.v = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
+        # a GPU takes its budget up front (a doubling there could fail for the copy's peak); a
+        # CPU grows as sessions need (a process reserving gigabytes it never touches cannot fork)
+        self._grow(self.capacity if self.device.type == "cuda" else min(self.capacity, INITIAL_BLOCKS))
         groups: dict = {}
         for i, w in sorted(layers.items()):
             groups.setdefault(w, []).append(i)
         # every group draws from its own ids 1..blocks-1: a block id names storage in the group's layers only
-        self.groups = {w: _Group(w, ls, list(range(self.blocks - 1, 0, -1))) for w, ls in groups.items()}
+        self.groups = {w: _Group(w, ls, list(range(self.capacity - 1, 0, -1))) for w, ls in groups.items()}
         self.group_of = {i: self.groups[w] for w, ls in groups.items() for i in ls}
         self._scratch: dict = {}      # "k"/"v" -> the gather's output buffer, reused by every layer
+
+    def _grow(self, blocks: int) -> None:
+        """Storage for ``blocks`` blocks in every layer (the ones held are copied over).
+        Ids are handed out lowest first and reused first, so storage follows what sessions
+        hold at their peak rather than the budget: memory is only taken when needed."""
+        if blocks <= self.allocated:
+            return
+        slots = blocks * self.block_size
+        for d in (self.k, self.v):
+            for i, old in d.items():
+                new = torch.empty(slots, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device)
+                new[:old.shape[0]] = old
+                if not old.shape[0]:
+                    new[:self.block_size].zero_()      # block 0: the zero block padding reads
+                d[i] = new
+        self.allocated = blocks
 
     def scratch(self, name: str, rows: int) -> torch.Tensor:
         """A reused ``[rows, n_kv, head_dim]`` buffer for a gather's output. A fresh
@@ -135,11 +153,13 @@ class KVPool:
                    for t in list(g.tables.values()))
 
     def gauges(self) -> dict:
-        """Blocks allocated (the zero block included), used by sessions, and free, in the
-        window group with the fewest free (the one that admits); and the bytes."""
-        g = min(self.groups.values(), key=lambda g: len(g.free), default=None)
-        used = sum(sum(1 for b in t.blocks if b) for t in list(g.tables.values())) if g else 0
-        return {"blocks": self.blocks, "used": used, "free": len(g.free) if g else 0,
+        """Blocks allocated (the storage, its zero block included), used by sessions (in the
+        window group that holds the most) and free (allocated, not used); the budget
+        (``capacity``, blocks) and the bytes."""
+        used = max((sum(sum(1 for b in t.blocks if b) for t in list(g.tables.values()))
+                    for g in list(self.groups.values())), default=0)
+        allocated = self.allocated
+        return {"blocks": allocated, "used": used, "free": max(0, allocated - 1 - used), "capacity": self.capacity,
                 "block_size": self.block_size, "allocated_bytes": self.allocated_bytes,
                 "used_bytes": self.used_bytes}
 
@@ -159,6 +179,7 @@ class KVPool:
     def reserve(self, wants: list) -> None:
         """Make room for ``(session, new_length)`` pairs, all or nothing (``KVFull``)."""
         bs = self.block_size
+        top = 0
         for g in self.groups.values():
             need = 0
             for sid, n in wants:
@@ -166,7 +187,14 @@ class KVPool:
                 need += max(0, -(-n // bs) - (len(t.blocks) if t else 0))
             if need > len(g.free):
                 raise KVFull(f"the KV pool has {len(g.free)} free blocks of {bs} positions, this stage needs "
-                             f"{need} ({self.blocks - 1} in all, {self.block_bytes} bytes each)")
+                             f"{need} ({self.capacity - 1} in all, {self.block_bytes} bytes each)")
+            if need:
+                top = max(top, max(g.free[-need:]))       # the ids the pops below hand out
+        if top >= self.allocated:
+            try:
+                self._grow(min(self.capacity, max(2 * self.allocated, top + 1)))
+            except (MemoryError, RuntimeError) as e:   # the machine has less than the budget said
+                raise KVFull(f"the KV pool could not grow to {top + 1} blocks: {type(e).__name__}") from None
         for g in self.groups.values():
             for sid, n in wants:
                 t = g.tables.setdefault(sid, _Table())

@@ -252,12 +252,13 @@ class EndpointCollector(Collector):
                      s["sessions"])
         yield _gauge("privatelora_kv_cache_usage_bytes", "Bytes of the KV pool held by sessions' blocks", s["kv_bytes"])
         kv = s["kv"]
-        yield _gauge("privatelora_kv_cache_allocated_bytes", "Bytes the KV pool allocated (its budget, rounded "
-                     "down to whole blocks)", kv["allocated_bytes"])
+        yield _gauge("privatelora_kv_cache_allocated_bytes", "Bytes the KV pool's storage holds now (it grows as "
+                     "sessions need it, up to the byte budget)", kv["allocated_bytes"])
         blocks = GaugeMetricFamily("privatelora_kv_cache_blocks", "KV pool blocks (block_size positions in every "
-                                   "cloud layer), by state: allocated (the pool), used (held by sessions), free",
+                                   "cloud layer), by state: allocated (the storage now), used (held by sessions), free "
+                                   "(allocated, not used), capacity (what the byte budget allows)",
                                    labels=["state"])
-        for state, key in (("allocated", "blocks"), ("used", "used"), ("free", "free")):
+        for state, key in (("allocated", "blocks"), ("used", "used"), ("free", "free"), ("capacity", "capacity")):
             blocks.add_metric([state], kv[key])
         yield blocks
         yield _counter("privatelora_backbone_busy_seconds", "Time the backbone spent computing (stages, "
