@@ -1,7 +1,7 @@
 """Benchmark geometries: random-weight Llama models of fixed proportions from a fixed seed.
 
-``7b``: Llama-2-7B proportions (hidden 4096, vocab 32000; two layers suffice for byte
-counts, which do not depend on depth). ``bench``: 7B proportions, CPU-sized (hidden 1024,
+``7b``: Llama-2-7B proportions (hidden 4096, vocab 32000): two layers where only byte
+counts matter (they do not depend on depth), 8 for ``bench throughput`` on a GPU. ``bench``: 7B proportions, CPU-sized (hidden 1024,
 16 layers, 16 heads, MLP 2816, vocab 8192). ``tiny``: the shipped model's own config.
 ``geometry_checkpoint`` builds one once into the cache so many processes load it by path.
 """
