@@ -76,8 +76,9 @@ def test_scale_up_lose_a_cloud_node_heal_and_scale_down_without_losing_a_session
         assert {_node_of(e) for e in edges} == {n.node_id for n in edge_nodes}     # users on both edge nodes
         want = [_want(tiny, u) for u in range(USERS)]
 
-        # load rises: four long generations over an emulated Wi-Fi link
-        futs = [e.generate.remote(PROMPTS[u], max_new_tokens=NEW, link="wifi") for u, e in enumerate(edges)]
+        # load rises: four long generations over an emulated 5G link (20 ms round trips: long
+        # enough that they are still running when the node goes, however fast the replica starts)
+        futs = [e.generate.remote(PROMPTS[u], max_new_tokens=NEW, link="5g") for u, e in enumerate(edges)]
         deadline = time.time() + 60
         while ray.get(pool.router.snapshot.remote())["load"].get(0, 0) < USERS:
             assert time.time() < deadline, ray.get(pool.router.snapshot.remote())
