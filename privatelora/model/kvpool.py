@@ -109,7 +109,6 @@ class KVPool:
             groups.setdefault(w, []).append(i)
         # every group draws from its own ids 1..blocks-1: a block id names storage in the group's layers only
         self.groups = {w: _Group(w, ls, list(range(self.capacity - 1, 0, -1))) for w, ls in groups.items()}
-        self.group_of = {i: self.groups[w] for w, ls in groups.items() for i in ls}
         self._scratch: dict = {}      # "k"/"v" -> the gather's output buffer, reused by every layer
 
     def _grow(self, blocks: int) -> None:
@@ -148,7 +147,7 @@ class KVPool:
     @property
     def used_bytes(self) -> int:
         """Bytes of storage that sessions' blocks hold."""
-        per_layer = self.block_bytes // len(self.group_of) if self.group_of else 0
+        per_layer = self.block_bytes // len(self.k) if self.k else 0
         return sum(sum(1 for b in t.blocks if b) * per_layer * len(g.layers) for g in list(self.groups.values())
                    for t in list(g.tables.values()))
 
@@ -252,11 +251,9 @@ class Plan:
 
     def __init__(self, pool: KVPool, sessions: list, segments: list[Segment]):
         bs, dev = pool.block_size, pool.device
-        self.segments = segments
         ns = [s.n for s in segments]
         lengths = [s.start + s.n for s in segments]
         B, T, nmax, smax = len(segments), sum(ns), max(ns), max(lengths)
-        self.T = T
         # padded packing costs B * nmax * smax scores, flat packing T * sum(lengths)
         self.flat = B > 1 and T * sum(lengths) < B * nmax * smax
         self.groups = {}
@@ -265,9 +262,8 @@ class Plan:
             write, read = [], []
             for sid, seg in zip(sessions, segments):
                 t = g.tables[sid]
-                for p in range(seg.start, seg.start + seg.n):
-                    write.append(t.blocks[p // bs] * bs + p % bs)
                 read.append([t.blocks[p // bs] * bs + p % bs for p in range(seg.start + seg.n)])
+                write.extend(read[-1][seg.start:])         # this step's positions: the row's tail
             if self.flat:
                 gather = torch.tensor([x for r in read for x in r])
                 mask = self._flat_mask(segments, qpos, w)
