@@ -68,6 +68,13 @@ class EdgeActor:
             self._drafts[spec] = load_draft(spec)
         return self._drafts[spec]
 
+    def _batch(self):
+        """This process's ``DeviceBatch``: its sessions' activations answered together."""
+        if getattr(self, "_device_batch", None) is None:
+            from privatelora.serving.remote import DeviceBatch
+            self._device_batch = DeviceBatch()
+        return self._device_batch
+
     def _connector(self, link: str = "loopback"):
         conn = self._connectors.get(link)
         if conn is None:
@@ -92,7 +99,8 @@ class EdgeActor:
         before = conn.stats().as_dict()
         t0 = time.perf_counter()
         gen = await run_remote(conn, self.device, ids, params, dtype=self.wire_dtype, draft=self._draft(draft),
-                               draft_tokens=draft_tokens, resume=Resume(attempts=resume_attempts))
+                               draft_tokens=draft_tokens, resume=Resume(attempts=resume_attempts),
+                               batch=self._batch())
         dt = time.perf_counter() - t0
         after = conn.stats().as_dict()
         if gen.recoveries:
@@ -131,7 +139,7 @@ class EdgeActor:
             gen = await run_remote(conn, device, prompt, SamplingParams(max_new_tokens=new_tokens),
                                    dtype=self.wire_dtype, timeout=120.0, resume=Resume(),
                                    observe=lambda m: times.append(time.time()) if isinstance(m, wire.Handoff)
-                                   else None)
+                                   else None, batch=self._batch())
             return {"user": user, "started": started, "token_times": times, "tokens": len(gen.tokens),
                     "ids": gen.tokens, "error": gen.error.code if gen.error else None}
         return list(await asyncio.gather(*(one(*job) for job in jobs)))

@@ -76,16 +76,21 @@ class DevicePart:
             by_key = dict(zip(akeys, a))
             return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
                          for t in self.cfg.targets)
+        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in self.m_plan(layer))
+
+    def m_plan(self, layer: int) -> tuple:
+        """Per target of ``layer``: which of the activations it multiplies and its ``M^T``
+        (a detached view of the adapter's M: in-place changes of M show through). Built
+        once per layer."""
         plans = self.__dict__.setdefault("_m_plans", {})
         plan = plans.get(layer)
         if plan is None or plan[0] is not self.adapter:
-            # per layer, once: which a each target multiplies and its M^T (a detached view of
-            # the adapter's M: in-place changes of M show through); the same products as above
+            akeys = ("shared",) if self.cfg.shared_a else self.cfg.targets
             where = {k: i for i, k in enumerate(akeys)}
             plan = (self.adapter, tuple((where[self.proj.a_key(t)], self.adapter.get(layer, t).detach().T)
                                         for t in self.cfg.targets))
             plans[layer] = plan
-        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in plan[1])
+        return plan[1]
 
     def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
         """A whole layer on the device (head/tail layers): M applied locally if it is adapted."""
@@ -121,6 +126,7 @@ class DeviceSession:
         self.comm = CommStats(bytes_per_number=bytes_per_number)
         self._inflight: int | None = None               # tokens of the step in flight
         self._private_ids: list[torch.Tensor] = []      # every id handed in, registered by value
+        self._primed: tuple | None = None               # (hand-off, its logits) from ``logits_many``
 
     def hand_in(self, ids, want_all: bool = False) -> Handoff:
         """Embed ``ids`` (and run the head layers) into the hand-off that enters the cloud."""
@@ -166,8 +172,13 @@ class DeviceSession:
         return Reply(self.session, act.layer, m)
 
     def logits(self, back: Handoff, all_rows: bool = False) -> torch.Tensor:
-        """Logits [rows, vocab] from the cloud's final hand-off (last row unless ``all_rows``)."""
+        """Logits [rows, vocab] from the cloud's final hand-off (last row unless ``all_rows``);
+        the ones ``logits_many`` computed for this very hand-off when there are."""
         self.comm.handoff_to_device += back.hidden.numel()
+        primed, self._primed = self._primed, None
+        if primed is not None and primed[0] is back:
+            self._inflight = None
+            return mark_private(primed[1] if all_rows else primed[1][-1:])
         x = back.hidden.to(self.part.cfg.torch_dtype)
         with torch.no_grad():
             if self.part.tail_ids:
@@ -178,3 +189,26 @@ class DeviceSession:
                 x = x[-1:]
             self._inflight = None
             return self.part.head_logits(x)
+
+
+# ---- several sessions at once (an edge host carrying many users) ---------------------------
+@torch.no_grad()
+def logits_many(items: list) -> None:
+    """Compute the final norm and LM head of several sessions' hand-offs ``(session,
+    handoff)`` in one product per shared head (one read of the head's weights for all of
+    an edge host's users), for each session's next ``logits(handoff)`` to use. Sessions
+    whose part runs device tail layers are left to ``logits``."""
+    groups: dict = {}
+    for sess, back in items:
+        part = sess.part
+        if not part.tail_ids:
+            groups.setdefault((id(part.lm_head), id(part.lm_bias), id(part.norm_w), part.cfg.torch_dtype), []).append((sess, back))
+    for group in groups.values():
+        part = group[0][0].part
+        x = torch.cat([back.hidden for _, back in group]).to(part.cfg.torch_dtype)
+        logits = part.head_logits(x)
+        o = 0
+        for sess, back in group:
+            n = back.hidden.shape[0]
+            sess._primed = (back, logits[o:o + n])
+            o += n

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from privatelora import wire
 from privatelora.model.sampling import SamplingParams
+from privatelora.runtime.device import logits_many
 from privatelora.runtime.generation import Generation
 from privatelora.transport import ByteStats, Client, Redirected, RemoteError
 
@@ -175,6 +176,57 @@ class AddressConnector(Connector):
                 raise RemoteError("protocol", f"{r.host}:{r.port} redirected again: a replica must not redirect")
 
 
+class DeviceBatch:
+    """One device process's sessions (an edge host's users) answered together.
+
+    Pass the same ``DeviceBatch`` to every ``run_remote`` of the process (``batch=``). Each
+    read burst of a connection (a stage's activations for all of its sessions, arriving in
+    one write) is answered right there, in the read loop's turn: each session's ``M a``,
+    the replies in one write, no coroutine woken per user. The final hand-offs that arrive
+    together get their LM heads in one product (``runtime.device.logits_many``: one read of
+    the head's weights for all users) before their sessions sample. Values, accounting and
+    round-trip counts are those of the per-session path; everything else (errors,
+    hand-offs) goes to the session's own loop as before, and so does an activation whose
+    answer fails (that loop then meets the failure the way it would have alone)."""
+
+    def __init__(self):
+        self._runs: dict = {}        # transport Session -> (Generation, observe)
+
+    def attach(self, sess, gen: Generation, observe) -> None:
+        self._runs[sess] = (gen, observe)
+        sess.burst = self
+
+    def detach(self, sess) -> None:
+        self._runs.pop(sess, None)
+        sess.burst = None
+
+    def __call__(self, client, items: list) -> None:
+        acts, backs = [], []
+        for sess, msg in items:
+            run = self._runs.get(sess)
+            if run is not None and isinstance(msg, wire.Activations):
+                acts.append((sess, run, msg))
+            elif run is not None and isinstance(msg, wire.Handoff):
+                backs.append((run[0].device, msg))
+        if backs:
+            logits_many(backs)
+        now = asyncio.get_running_loop().time() if acts else 0.0
+        for sess, (gen, observe), msg in acts:
+            try:
+                rep = gen.device.reply(msg)
+                client.answer(rep)
+            except Exception:             # the session's own loop meets the failure again
+                sess.deliver(msg)
+                continue
+            if observe is not None:
+                observe(msg)
+            gen.round_trips += 1
+            sess.last_heard = now
+        for sess, msg in items:
+            if not isinstance(msg, wire.Activations) or sess not in self._runs:
+                sess.deliver(msg)
+
+
 def _resumable(e: BaseException) -> bool:
     if isinstance(e, _Lost):
         return True
@@ -188,7 +240,7 @@ def _resumable(e: BaseException) -> bool:
 async def run_remote(target, part, prompt, params: SamplingParams | None = None, *,
                      dtype: str = "fp32", keep_logits: bool = False, timeout: float = 60.0,
                      observe=None, draft=None, draft_tokens: int = 4, on_tokens=None, on_new=None,
-                     resume: Resume | None = None) -> Generation:
+                     resume: Resume | None = None, batch: DeviceBatch | None = None) -> Generation:
     """Generate for one user through ``target`` (a ``Client`` or a ``Connector``); returns
     the finished ``Generation``.
 
@@ -199,7 +251,8 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
     with the generation and its new tokens as they arrive (the HTTP API streams them);
     ``gen.finish()`` there ends the generation. ``resume``: keep going when the
     cloud loses the session (module docstring); the generation's ``resumes`` and
-    ``recoveries`` (seconds from each loss to the lost chain's answer) say what it cost."""
+    ``recoveries`` (seconds from each loss to the lost chain's answer) say what it cost.
+    ``batch``: this process's ``DeviceBatch``, shared by its sessions (an edge host)."""
     params = params or SamplingParams()
     conn = target if isinstance(target, Connector) else ClientConnector(target)
     geometry = wire.session_geometry(part.exchange_ids, part.model_config.hidden_size, part.cfg, dtype)
@@ -220,6 +273,8 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
                 msg = gen.start()
             else:
                 msg = gen.resume(dev, geometry.max_tokens)
+            if batch is not None:
+                batch.attach(sess, gen, observe)
             try:
                 while msg is not None:
                     await sess.send(msg, dtype=handoff_dtype if isinstance(msg, wire.Handoff) else None)
@@ -242,6 +297,8 @@ async def run_remote(target, part, prompt, params: SamplingParams | None = None,
                             if gen.done:        # the caller finished it (``Generation.finish``)
                                 msg = None
             finally:
+                if batch is not None:
+                    batch.detach(sess)
                 if not sess.client.closed:
                     try:
                         await sess.close()

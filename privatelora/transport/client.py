@@ -28,9 +28,17 @@ class Session:
     def __init__(self, client: "Client", sid: int, key: bytes, geometry: wire.Geometry):
         self.client, self.id, self._key, self.geometry = client, sid, key, geometry
         self._queue: asyncio.Queue = asyncio.Queue()
+        # set by a caller that answers some of this session's frames itself (``Client`` module
+        # docstring: bursts); ``last_heard``: when the last of those came in
+        self.burst = None
+        self.last_heard = 0.0
 
     def __repr__(self) -> str:
         return f"Session(id={self.id}, geometry={self.geometry!r})"
+
+    def deliver(self, msg: wire.Message) -> None:
+        """Queue ``msg`` for ``recv`` (a burst handler passing on what it does not answer)."""
+        self._queue.put_nowait(msg)
 
     async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
         if msg.session != self.id:
@@ -38,15 +46,26 @@ class Session:
         return await self.client.send(msg, dtype=dtype)
 
     async def recv(self, timeout: float | None = None) -> wire.Message:
-        """Next message for this session (Error frames included). ConnectionError if closed."""
+        """Next message for this session (Error frames included). ConnectionError if closed.
+        ``timeout``: the longest the cloud may stay silent on this session; frames a
+        ``burst`` handler answered count as heard."""
         try:                    # fast path: the answer is often in already
             item = self._queue.get_nowait()
         except asyncio.QueueEmpty:
             if timeout is None:
                 item = await self._queue.get()
             else:               # asyncio.timeout, not wait_for: no extra task per message
-                async with asyncio.timeout(timeout):
-                    item = await self._queue.get()
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + timeout
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            item = await self._queue.get()
+                        break
+                    except TimeoutError:      # silent that long, unless a burst handler heard it
+                        deadline = self.last_heard + timeout
+                        if deadline <= loop.time():
+                            raise
         if item is CLOSED:
             self._queue.put_nowait(CLOSED)  # every later recv fails the same way
             raise ConnectionError("connection closed")
@@ -66,6 +85,13 @@ class Client:
     Writes are coalesced: frames sent during one pass of the event loop (an edge host's
     sessions answering the activations that arrived together) leave in ONE transport write
     at the end of that pass, in the order sent (``coalesce = False``: one write per frame).
+
+    Bursts: frames for a session whose ``burst`` is set skip its queue; once the read loop
+    has taken every frame the socket had (one read burst: a stage's answers for all of an
+    edge host's sessions), ``burst(client, [(session, message), ...])`` is called once
+    with them, and answers what it can at once (``answer``) and passes the rest on
+    (``Session.deliver``). An edge host so answers a stage for all its users in one
+    batched computation, without waking one coroutine per user.
     """
 
     coalesce = True
@@ -80,6 +106,7 @@ class Client:
         self.errors: asyncio.Queue = asyncio.Queue()  # Error frames on session 0
         self.closed = False
         self._out: list[bytes] = []  # frames of this loop pass, written together by _flush
+        self._burst: list = []       # (session, message) of this read burst, for burst handlers
         self._shaper = (Shaper(link, send=self._write_now, deliver=self._on_frame, seed=seed)
                         if link is not None and link.shaped else None)
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
@@ -135,6 +162,20 @@ class Client:
         return await self._send(msg, sess, dtype)
 
     async def _send(self, msg, sess: Session | None, dtype) -> wire.FrameInfo:
+        info = self._queue_frame(msg, sess, dtype)
+        if self._shaper is None:
+            await self._writer.drain()
+        return info
+
+    def answer(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
+        """Send a device -> cloud message without awaiting (a burst handler answering the
+        frames of one read burst): it leaves with the others sent in this loop pass."""
+        sess = self._sessions.get(msg.session)
+        if sess is None:
+            raise wire.AuthError("unknown_session", f"session {msg.session} is not open here")
+        return self._queue_frame(msg, sess, dtype)
+
+    def _queue_frame(self, msg, sess: Session | None, dtype) -> wire.FrameInfo:
         if self.closed:
             raise ConnectionError("connection closed")
         frame, info = wire.encode_frame(
@@ -148,10 +189,8 @@ class Client:
             if not self._out:
                 asyncio.get_running_loop().call_soon(self._flush)
             self._out.append(frame)
-            await self._writer.drain()
         else:
             self._write_now(frame)
-            await self._writer.drain()
         return info
 
     def _flush(self) -> None:
@@ -194,10 +233,29 @@ class Client:
             return
         self.stats.add(wire.DOWN, info)
         sess = self._sessions.get(msg.session)
-        if sess is not None:
-            sess._queue.put_nowait(msg)
-        else:
+        if sess is None:
             self.errors.put_nowait(msg)  # session 0: about the connection
+        elif sess.burst is not None:
+            if not self._burst:
+                asyncio.get_running_loop().call_soon(self._end_burst)
+            self._burst.append((sess, msg))
+        else:
+            sess._queue.put_nowait(msg)
+
+    def _end_burst(self) -> None:
+        """Hand the frames of one read burst to their sessions' ``burst`` handlers, one call
+        per handler; a handler that fails leaves its frames to the sessions' own queues."""
+        items, self._burst = self._burst, []
+        by_handler: dict = {}
+        for sess, msg in items:
+            by_handler.setdefault(sess.burst, []).append((sess, msg))
+        for handler, mine in by_handler.items():
+            try:
+                handler(self, mine)
+            except Exception:
+                log.exception("burst handler failed; its frames go to their sessions")
+                for sess, msg in mine:
+                    sess._queue.put_nowait(msg)
 
     async def _read_loop(self) -> None:
         try:
