@@ -96,7 +96,7 @@ def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *
 
 
 def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback", new_tokens: int = 32,
-        prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = False, hf: bool = True, dtype: str = "fp32",
+        prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = True, hf: bool = True, dtype: str = "fp32",
         edge_hosts: int = 0, address=None, quiet: bool = False, adapted_layers: str = "all", repeat: int = 3,
         gpus_per_replica: float = 0, layers: int | None = None) -> dict:
     """Measure every user count ``repeat`` times, interleaved (limit, HF, ours, paper-style,

@@ -174,8 +174,9 @@ def add_commands(sub):
     th.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of every user (default 16)")
     th.add_argument("--gather-ms", type=float, default=10.0,
                     help="ours: the longest a stage waits for its owed members (default 10, as serve)")
-    th.add_argument("--merge", action="store_true",
-                    help="ours: stages also wait (within --gather-ms) for sessions behind them, merging cohorts")
+    th.add_argument("--no-merge", dest="merge", action="store_false",
+                    help="ours: do not merge cohorts (by default, as serve does, a stage also waits within "
+                         "--gather-ms for the sessions behind it in the step, so split cohorts rejoin)")
     th.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default="fp32", help="wire dtype")
     th.add_argument("--adapted-layers", metavar="SPEC", default="all", help=PLACEMENT_HELP)
     th.add_argument("--edge-hosts", type=int, default=0, metavar="K",

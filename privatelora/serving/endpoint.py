@@ -73,7 +73,7 @@ class CloudEndpoint:
     def __init__(self, cloud, host: str = "127.0.0.1", port: int = 0, *, max_sessions: int = 256,
                  max_waiting: int | None = None, max_open: int | None = None, max_open_per_connection: int = 256,
                  token_budget: int = 4096, max_wait_s: float = 0.05,
-                 idle_timeout_s: float = 120.0, gather_s: float = 0.01, merge: bool = False,
+                 idle_timeout_s: float = 120.0, gather_s: float = 0.01, merge: bool = True,
                  overlap: bool = True, max_loop_failures: int = 8,
                  disconnect_on_refusal: bool = True, training: bool = True,
                  events: EndpointEvents | None = None, compute_cores: list[int] | None = None,
