@@ -138,3 +138,19 @@ def test_recv_timeout_counts_frames_a_burst_handler_answered():
         with pytest.raises(TimeoutError):                 # silence: the timeout still applies
             await sess.recv(timeout=0.1)
     asyncio.run(main())
+
+
+def test_a_burst_for_a_session_let_go_meanwhile_goes_to_its_queue(caplog):
+    async def main():
+        client = Client.__new__(Client)            # no socket needed: only the burst hand-over
+        client._burst = []
+        seen = []
+        kept, gone = Session(client, 1, b"k" * 32, None), Session(client, 2, b"k" * 32, None)
+        kept.burst = gone.burst = lambda c, items: seen.extend(items)
+        client._burst += [(kept, "for the handler"), (gone, "late")]
+        gone.burst = None                          # its generation ended before the burst's turn
+        client._end_burst()
+        assert seen == [(kept, "for the handler")]
+        assert gone._queue.get_nowait() == "late" and kept._queue.empty()
+    asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -244,11 +244,15 @@ class Client:
 
     def _end_burst(self) -> None:
         """Hand the frames of one read burst to their sessions' ``burst`` handlers, one call
-        per handler; a handler that fails leaves its frames to the sessions' own queues."""
+        per handler; a handler that fails leaves its frames to the sessions' own queues, and
+        so does a session whose handler let it go meanwhile."""
         items, self._burst = self._burst, []
         by_handler: dict = {}
         for sess, msg in items:
-            by_handler.setdefault(sess.burst, []).append((sess, msg))
+            if sess.burst is None:
+                sess._queue.put_nowait(msg)
+            else:
+                by_handler.setdefault(sess.burst, []).append((sess, msg))
         for handler, mine in by_handler.items():
             try:
                 handler(self, mine)
