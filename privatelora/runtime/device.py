@@ -76,21 +76,16 @@ class DevicePart:
             by_key = dict(zip(akeys, a))
             return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
                          for t in self.cfg.targets)
-        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in self.m_plan(layer))
-
-    def m_plan(self, layer: int) -> tuple:
-        """Per target of ``layer``: which of the activations it multiplies and its ``M^T``
-        (a detached view of the adapter's M: in-place changes of M show through). Built
-        once per layer."""
         plans = self.__dict__.setdefault("_m_plans", {})
         plan = plans.get(layer)
         if plan is None or plan[0] is not self.adapter:
-            akeys = ("shared",) if self.cfg.shared_a else self.cfg.targets
+            # per layer, once: which a each target multiplies and its M^T (a detached view of
+            # the adapter's M: in-place changes of M show through); the same products as above
             where = {k: i for i, k in enumerate(akeys)}
             plan = (self.adapter, tuple((where[self.proj.a_key(t)], self.adapter.get(layer, t).detach().T)
                                         for t in self.cfg.targets))
             plans[layer] = plan
-        return plan[1]
+        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in plan[1])
 
     def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
         """A whole layer on the device (head/tail layers): M applied locally if it is adapted."""
@@ -202,7 +197,8 @@ def logits_many(items: list) -> None:
     for sess, back in items:
         part = sess.part
         if not part.tail_ids:
-            groups.setdefault((id(part.lm_head), id(part.lm_bias), id(part.norm_w), part.cfg.torch_dtype), []).append((sess, back))
+            key = (id(part.lm_head), id(part.lm_bias), id(part.norm_w), part.cfg.torch_dtype)
+            groups.setdefault(key, []).append((sess, back))
     for group in groups.values():
         part = group[0][0].part
         x = torch.cat([back.hidden for _, back in group]).to(part.cfg.torch_dtype)

@@ -201,16 +201,12 @@ class DeviceBatch:
         sess.burst = None
 
     def __call__(self, client, items: list) -> None:
-        acts, backs = [], []
-        for sess, msg in items:
-            run = self._runs.get(sess)
-            if run is not None and isinstance(msg, wire.Activations):
-                acts.append((sess, run, msg))
-            elif run is not None and isinstance(msg, wire.Handoff):
-                backs.append((run[0].device, msg))
+        # the client hands over only sessions whose ``burst`` is this batch: attached ones
+        acts = [(sess, self._runs[sess], msg) for sess, msg in items if isinstance(msg, wire.Activations)]
+        backs = [(self._runs[sess][0].device, msg) for sess, msg in items if isinstance(msg, wire.Handoff)]
         if backs:
             logits_many(backs)
-        now = asyncio.get_running_loop().time() if acts else 0.0
+        now = asyncio.get_running_loop().time()
         for sess, (gen, observe), msg in acts:
             try:
                 rep = gen.device.reply(msg)
@@ -223,7 +219,7 @@ class DeviceBatch:
             gen.round_trips += 1
             sess.last_heard = now
         for sess, msg in items:
-            if not isinstance(msg, wire.Activations) or sess not in self._runs:
+            if not isinstance(msg, wire.Activations):
                 sess.deliver(msg)
 
 
