@@ -168,6 +168,13 @@ class BackboneReplica:
                 "metrics": list(self.metrics_address) if self.metrics_address else None,
                 "ray_metrics": self.ray_export is not None}
 
+    async def timeline(self, on: bool) -> dict | None:
+        """Start recording the stage loop's timeline (``serving/timeline.py``), or stop
+        and return its summary."""
+        from privatelora.serving.timeline import Timeline
+        tl, self.endpoint.timeline = self.endpoint.timeline, Timeline() if on else None
+        return None if on or tl is None else tl.summary()
+
     async def set_policy(self, **policy) -> None:
         """``CloudEndpoint.set_policy``: gather_s, merge, max_batch."""
         self.endpoint.set_policy(**policy)

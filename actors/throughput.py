@@ -77,12 +77,15 @@ class _Devices:
 
 
 def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *, gather_s: float, max_batch: int,
-           merge: bool = False) -> dict:
+           merge: bool = False, trace: bool = False) -> dict:
     replica = pool.replicas[0]
     ray.get(replica.set_policy.remote(gather_s=gather_s, merge=merge, max_batch=max_batch))
     before = ray.get(replica.stats.remote())
+    if trace:
+        ray.get(replica.timeline.remote(True))
     start_at = time.time() + 0.5
     runs = devices.decode(prompts, new_tokens, start_at, link)
+    timeline = ray.get(replica.timeline.remote(False)) if trace else None
     after = ray.get(replica.stats.remote())
     errors = [r["error"] for r in runs if r["error"]]
     if errors or any(r["tokens"] != new_tokens for r in runs):
@@ -92,17 +95,20 @@ def _timed(pool: Pool, devices: _Devices, prompts, new_tokens: int, link: str, *
     rate = decode_rate(runs)
     return {**rate, "wall_s": end - start_at,
             "busy": (after["busy_s"] - before["busy_s"]) / (end - start_at),
-            "mean_batch": (after["stage_sessions"] - before["stage_sessions"]) / stages if stages else 0.0}
+            "mean_batch": (after["stage_sessions"] - before["stage_sessions"]) / stages if stages else 0.0,
+            **({"timeline": timeline} if trace else {})}
 
 
 def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback", new_tokens: int = 32,
         prompt_tokens: int = 16, gather_ms: float = 10.0, merge: bool = True, hf: bool = True, dtype: str = "fp32",
         edge_hosts: int = 0, address=None, quiet: bool = False, adapted_layers: str = "all", repeat: int = 3,
-        gpus_per_replica: float = 0, layers: int | None = None) -> dict:
+        gpus_per_replica: float = 0, layers: int | None = None, trace: bool = False) -> dict:
     """Measure every user count ``repeat`` times, interleaved (limit, HF, ours, paper-style,
     then again), and report each figure as the median with ``_min``/``_max`` beside it;
     ratios come from the medians. ``layers``: decoder layers of the geometry's checkpoint
-    (default ``LAYERS``); ``7b`` needs a GPU (``gpus_per_replica`` > 0)."""
+    (default ``LAYERS``); ``7b`` needs a GPU (``gpus_per_replica`` > 0). ``trace``: each row
+    also gets ``ours_timeline``, the replica's stage-loop timeline of each repeat of ours
+    (``serving/timeline.py``: compute, thread hand-off and round trip per decode cycle)."""
     import torch
 
     from privatelora.bench.geometry import GEOMETRIES, geometry_checkpoint
@@ -155,7 +161,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
         link_s = link_step_s(profile, len(info["adapted_layers"]), mc.hidden_size, cfg.rank, cfg.shared_a, dtype) \
             if profile.shaped else None
         rows = [_measure(pool, devices, prompts[:b], new_tokens, prompt_tokens, link, repeat, hf, link_s,
-                         gather_s=gather_ms / 1000, merge=merge, say=say) for b in users]
+                         gather_s=gather_ms / 1000, merge=merge, say=say, trace=trace) for b in users]
         devices.close()
     finally:
         pool.shutdown()
@@ -184,7 +190,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
 
 
 def _measure(pool: Pool, devices: _Devices, prompts, new_tokens: int, prompt_tokens: int, link: str, repeat: int,
-             hf: bool, link_s: float | None, *, gather_s: float, merge: bool, say) -> dict:
+             hf: bool, link_s: float | None, *, gather_s: float, merge: bool, say, trace: bool = False) -> dict:
     """One user count's row: limit, HF, ours, paper-style (and, over a shaped link, i.e.
     ``link_s`` not None, ours on loopback for the model), measured ``repeat`` times in that
     order; medians with min/max."""
@@ -194,14 +200,17 @@ def _measure(pool: Pool, devices: _Devices, prompts, new_tokens: int, prompt_tok
     keys += ["hf_cloud_only_tok_s"] if hf else []
     keys += ["ours_loopback_tok_s"] if link_s is not None else []
     samples: dict[str, list[float]] = {k: [] for k in keys}
-    over_limit = []
+    over_limit, timelines = [], []
     for i in range(repeat):
         say(f"{b:3d} users, repeat {i + 1}/{repeat}: limit{', hf' if hf else ''}, ours, paper-style")
         lim = ray.get(replica.limit.remote(b, prompt_tokens, new_tokens))
         got = {"limit_tok_s": lim["tok_s"], "limit_layer_ms": lim["layer_s"] * 1000}
         if hf:
             got["hf_cloud_only_tok_s"] = ray.get(replica.limit.remote(b, prompt_tokens, new_tokens, hf=True))["tok_s"]
-        ours = _timed(pool, devices, prompts, new_tokens, link, gather_s=gather_s, max_batch=0, merge=merge)
+        ours = _timed(pool, devices, prompts, new_tokens, link, gather_s=gather_s, max_batch=0, merge=merge,
+                      trace=trace)
+        if trace:
+            timelines.append(ours["timeline"])
         paper = _timed(pool, devices, prompts, new_tokens, link, gather_s=0.0, max_batch=1)
         got.update({"ours_tok_s": ours["tok_s"], "paper_style_tok_s": paper["tok_s"], "ours_ttft_s": ours["ttft_s"],
                     "paper_style_ttft_s": paper["ttft_s"], "backbone_busy": ours["busy"],
@@ -218,6 +227,8 @@ def _measure(pool: Pool, devices: _Devices, prompts, new_tokens: int, prompt_tok
                 "ours_over_limit_max": max(over_limit),
                 "ours_over_paper_style": row["ours_tok_s"] / row["paper_style_tok_s"]
                 if row["paper_style_tok_s"] else None})
+    if trace:                  # where ours spends a decode cycle, per repeat (serving/timeline.py)
+        row["ours_timeline"] = timelines
     if link_s is not None:
         row.update({"link_s_per_token": link_s, "model_tok_s": predict_tps(b, row["ours_loopback_tok_s"], link_s)})
         row["ours_over_model"] = row["ours_tok_s"] / row["model_tok_s"]

@@ -169,10 +169,11 @@ def test_pinning_covers_threads_that_already_run():
 
 def test_bench_throughput_end_to_end_on_the_tiny_model():
     """One short run through Ray: the three measurements, repeated and reported as medians
-    with their range, the policies really differ, and the JSON has what tools read."""
+    with their range, the policies really differ, the replica's timeline of every repeat of
+    ours (``--trace``), and the JSON has what tools read."""
     from privatelora.actors.throughput import run
     from privatelora.bench.throughput import LIMIT
-    out = run("tiny", users=(1, 2), new_tokens=6, prompt_tokens=4, hf=False, quiet=True, repeat=2)
+    out = run("tiny", users=(1, 2), new_tokens=6, prompt_tokens=4, hf=False, quiet=True, repeat=2, trace=True)
     rows = out["results"]
     assert [r["users"] for r in rows] == [1, 2]
     assert out["repeat"] == 2 and out["limit"] == LIMIT and out["device"] == "cpu"
@@ -184,6 +185,9 @@ def test_bench_throughput_end_to_end_on_the_tiny_model():
         assert r["ours_over_limit"] == pytest.approx(r["ours_tok_s"] / r["limit_tok_s"])     # from the medians
         assert r["ours_over_limit_min"] <= r["ours_over_limit_max"]
         assert "hf_cloud_only_tok_s" not in r
+        assert len(r["ours_timeline"]) == 2                  # one per repeat
+        for t in r["ours_timeline"]:
+            assert t["decode_cycles"] >= 1 and t["stage_ms"] > 0 and t["cycle_ms"] >= t["stage_ms"]
     assert rows[1]["ours_mean_batch"] > 1.0                  # two users share stages
     s = out["summary"]
     assert s["ideal_gain"] == pytest.approx(rows[1]["limit_tok_s"] / rows[0]["limit_tok_s"])

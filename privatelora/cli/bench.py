@@ -183,6 +183,9 @@ def add_commands(sub):
                     help="carry the users on K edge hosts (one process and connection each, so over an "
                          "emulated link a host's users share it) instead of one edge actor per user (default)")
     th.add_argument("--no-hf", action="store_true", help="skip transformers' own forward (the cloud-only reference)")
+    th.add_argument("--trace", action="store_true",
+                    help="ours: also record the replica's stage-loop timeline (per decode cycle: stage and "
+                         "prepare compute, the hand-off to the worker thread, the round trip) into each row")
     th.add_argument("--plot", metavar="FILE.png", help="also draw the curves (needs matplotlib)")
     th.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     th.add_argument("--json", action="store_true", help="print one JSON object (progress stays on stderr)")
@@ -211,7 +214,7 @@ def add_commands(sub):
             out = run(args.geometry, users, args.link, args.new_tokens, args.prompt_tokens, args.gather_ms, args.merge,
                       hf=not args.no_hf, dtype=args.dtype, edge_hosts=args.edge_hosts, address=args.address,
                       adapted_layers=args.adapted_layers, repeat=args.repeat, gpus_per_replica=args.gpus_per_replica,
-                      layers=args.layers)
+                      layers=args.layers, trace=args.trace)
         if args.plot:
             from privatelora.bench.throughput import plot
             plot(out, args.plot)
@@ -308,6 +311,13 @@ def print_throughput(r):
               + f" {x['ours_tok_s']:8.1f} {span:>13} {x['paper_style_tok_s']:8.1f} "
               f"{x['ours_over_limit']:10.2f} {x['ours_over_paper_style']:10.2f} {100 * x['backbone_busy']:4.0f}% "
               f"{x['ours_mean_batch']:5.1f} {x['ours_ttft_s'] * 1000:7.0f}ms {x['paper_style_ttft_s'] * 1000:8.0f}ms")
+    for x in r["results"]:
+        for t in x.get("ours_timeline") or []:
+            if t.get("cycle_ms") is not None:
+                print(f"{x['users']:5d} users, a decode cycle of ours (ms, medians of {t['decode_cycles']}): stage "
+                      f"{t['stage_ms']:.2f}, prepare {t['prepare_ms']:.2f} (after {t['to_worker_ms']:.2f} to the "
+                      f"worker), round trip {t['round_trip_ms']:.2f}, cycle {t['cycle_ms']:.2f}, exposed "
+                      f"{t['exposed_ms']:.2f}; limit layer {x['limit_layer_ms']:.2f}")
     if any("model_tok_s" in x for x in r["results"]):
         print("model (this machine's loopback step + the link model's time per token): " + ", ".join(
             f"{x['users']}: {x['model_tok_s']:.1f} tok/s (measured/model {x['ours_over_model']:.2f})"

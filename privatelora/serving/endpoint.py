@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from privatelora import wire
 from privatelora.serving.scheduler import TRAIN, Busy, Scheduler, UnknownSession
+from privatelora.serving.timeline import Timeline
 from privatelora.training.cloud import CloudTrainer
 from privatelora.training.device import wire_dtype
 from privatelora.transport import Server
@@ -101,6 +102,7 @@ class CloudEndpoint:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="privatelora-cloud",
                                         initializer=_pin_thread, initargs=(compute_cores,))
         self._task: asyncio.Task | None = None
+        self.timeline: Timeline | None = None       # a benchmark's record of the stage loop's time
         self._need_prepare = False
         self.max_loop_failures = max_loop_failures
         self.failure: str | None = None              # why the stage loop stopped, once it has
@@ -193,7 +195,22 @@ class CloudEndpoint:
                 "draining": self.draining, "bytes": self.server.stats.as_dict()}
 
     async def _in_worker(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        tl, kind = self.timeline, getattr(fn, "__name__", "")
+        if tl is None or kind not in ("run", "prepare"):
+            return await loop.run_in_executor(self._pool, fn, *args)
+        clock = [time.monotonic(), 0.0, 0.0]     # submitted, started, ended: ``Timeline``
+
+        def timed(*a):
+            clock[1] = time.monotonic()
+            try:
+                return fn(*a)
+            finally:
+                clock[2] = time.monotonic()
+        try:
+            return await loop.run_in_executor(self._pool, timed, *args)
+        finally:
+            tl.call(kind, *clock, time.monotonic())
 
     def _event(self, name: str, *args) -> None:
         """Report to ``events``; an exporter's bug is counted, never fatal."""
@@ -236,6 +253,8 @@ class CloudEndpoint:
             self._event("hand_in", msg.session, tokens, first, now)
         elif not train:
             self._event("reply", msg.session, msg.layer, now)
+            if self.timeline is not None:
+                self.timeline.reply(now)
         self._wake.set()
 
     def _open(self, conn, msg: wire.Open, now: float) -> None:
