@@ -93,14 +93,15 @@ def pin_to_cores(cores) -> None:
             pass
 
 
-ALLOWED_UP_KINDS = ("open", "handoff", "reply", "close", "error")
+ALLOWED_UP_KINDS = ("open", "handoff", "reply", "close", "error", "bundle")   # a bundle: of replies
 
 
 def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...] = (),
                  allowed_kinds=ALLOWED_UP_KINDS, private=(), token_ids=()) -> list[str]:
     """Check raw cloud-bound frames; returns a list of violations (empty: clean).
 
-    Every frame must be of an allowed kind; every tensor record in it a float activation
+    Every frame must be of an allowed kind (a bundle's entries too: each is checked as the
+    frame it stands for, ``wire/bundle.py``); every tensor record in it a float activation
     (or its int8 quantization) of ``rank`` or ``hidden`` columns; no string beyond the
     protocol's own (geometry target names, error codes); and none of the ``forbidden``
     byte strings (e.g. the prompt's text, M's raw bytes) may appear anywhere in the bytes.
@@ -117,6 +118,7 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
 
     from privatelora import wire
     from privatelora.privacy import ValueIndex
+    from privatelora.wire.bundle import bundle_records
     from privatelora.wire.schema import UP, FrameContext
     from privatelora.wire.tensors import unpack_tensor
     private, token_ids = list(private), list(token_ids)
@@ -130,6 +132,26 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
         return indexes[int8].hit(x)
 
     bad = []
+
+    def check_record(n, key, value):
+        code, count, rows, cols = value[:4]
+        if code not in wire.CODE_DTYPES:
+            bad.append(f"frame {n}: {key} has dtype code {code}")
+        if cols not in (rank, hidden):
+            bad.append(f"frame {n}: {key} is [{rows}, {cols}], neither rank {rank} nor hidden {hidden}")
+        if not by_value or code not in wire.CODE_DTYPES:
+            return
+        try:
+            ts = unpack_tensor(FrameContext(UP, None), value, count, cols, max(rows, 1), str(key), None)
+        except wire.WireError as e:
+            bad.append(f"frame {n}: {key} is not a readable tensor record ({e.code})")
+            return
+        hit = value_hit(code, torch.stack(ts).numpy().reshape(-1, cols))
+        if hit is not None:
+            i, j = divmod(hit[0], rows)
+            name = f"{key}[{i}]" if count > 1 else str(key)
+            bad.append(f"frame {n}: {name} row {j} equals {hit[1]}")
+
     for n, frame in enumerate(frames):
         frame = bytes(frame)
         for f in forbidden:
@@ -144,6 +166,17 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
         if hdr.kind not in allowed_kinds:
             bad.append(f"frame {n}: kind {hdr.kind!r} is not allowed up")
             continue
+        if hdr.kind == "bundle":            # many sessions' replies: each entry's record (wire/bundle.py)
+            try:
+                entries = bundle_records(frame)
+            except wire.WireError as e:
+                bad.append(f"frame {n}: not a readable bundle ({e.code})")
+                continue
+            for i, (_, kcode, rec) in enumerate(entries):
+                if wire.KINDS.get(kcode) is None or wire.KINDS[kcode].name not in allowed_kinds:
+                    bad.append(f"frame {n}: bundle entry {i} is of kind {kcode}, not allowed up")
+                check_record(n, f"entry {i}", rec)
+            continue
         body_bytes = frame[wire.PREFIX.size + wire.HEADER.size: len(frame) - wire.TAG_LEN]
         if info.compressed:
             import lz4.block
@@ -152,23 +185,7 @@ def audit_frames(frames, *, hidden: int, rank: int, forbidden: tuple[bytes, ...]
         body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False)
         for key, value in (body.items() if isinstance(body, dict) else []):
             if isinstance(value, list) and len(value) >= 5 and all(isinstance(x, int) for x in value[:4]):
-                code, count, rows, cols = value[:4]
-                if code not in wire.CODE_DTYPES:
-                    bad.append(f"frame {n}: {key} has dtype code {code}")
-                if cols not in (rank, hidden):
-                    bad.append(f"frame {n}: {key} is [{rows}, {cols}], neither rank {rank} nor hidden {hidden}")
-                if not by_value or code not in wire.CODE_DTYPES:
-                    continue
-                try:
-                    ts = unpack_tensor(FrameContext(UP, None), value, count, cols, max(rows, 1), str(key), None)
-                except wire.WireError as e:
-                    bad.append(f"frame {n}: {key} is not a readable tensor record ({e.code})")
-                    continue
-                hit = value_hit(code, torch.stack(ts).numpy().reshape(-1, cols))
-                if hit is not None:
-                    i, j = divmod(hit[0], rows)
-                    name = f"{key}[{i}]" if count > 1 else str(key)
-                    bad.append(f"frame {n}: {name} row {j} equals {hit[1]}")
+                check_record(n, key, value)
             elif isinstance(value, str) and hdr.kind != "error":
                 bad.append(f"frame {n}: {key} carries a string")
     return bad

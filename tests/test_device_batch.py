@@ -4,7 +4,8 @@
   layers is left alone, and a stale precomputation is never used.
 - Over TCP, sessions sharing a ``DeviceBatch`` (plain, speculative, and one not in the
   batch, on one connection) generate exactly what each generates alone, with the same
-  round trips and frame counts, and the stage's replies really were answered together.
+  round trips and frame counts, and the stage's replies really were answered together,
+  in bundle frames both ways (the replies up, then the activations down).
 - A session whose frames a burst handler answers does not time out while the cloud keeps
   talking to it, and still times out when the cloud goes silent.
 """
@@ -14,6 +15,7 @@ import asyncio
 import pytest
 import torch
 
+from privatelora import wire
 from privatelora.api import build_split
 from privatelora.config import PrivateLoRAConfig
 from privatelora.model.adapters import PrivateAdapter
@@ -99,11 +101,20 @@ def test_device_batch_over_tcp_is_exact_and_answers_stages_together(mistral, mon
         heads.append(len(items))
         return real_heads(items)
     monkeypatch.setattr("privatelora.serving.remote.logits_many", counting_heads)
+    bundles_down = []
+    real_bundle = Client._on_bundle
+
+    def counting_bundles(self, frame):
+        bundles_down.append(len(frame))
+        return real_bundle(self, frame)
+    monkeypatch.setattr(Client, "_on_bundle", counting_bundles)
+    bundles_up = []
 
     async def main():
         split = build_split(cfg=cfg, backbone=mistral)
         batch = DeviceBatch()
         async with CloudEndpoint(split.cloud) as ep:
+            ep.server.tap = lambda cid, frame: frame[5] == wire.BUNDLE_CODE and bundles_up.append(len(frame))
             client = await Client.connect(*ep.address)
             gens = await asyncio.gather(*[
                 run_remote(client, p, pr, params, draft=dr, batch=batch if b else None, timeout=30.0)
@@ -120,6 +131,8 @@ def test_device_batch_over_tcp_is_exact_and_answers_stages_together(mistral, mon
     assert max(calls) >= 2                 # one burst answered several sessions' activations
     assert max(heads) >= 2                 # several sessions' LM heads in one product
     assert not batch._runs                 # every session detached when it ended
+    assert bundles_up and bundles_down     # replies went up in bundles, and then activations came down in them
+    assert "refused" not in stats["up"]    # no entry of a bundle was refused
 
 
 def test_recv_timeout_counts_frames_a_burst_handler_answered():

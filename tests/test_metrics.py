@@ -261,7 +261,8 @@ def test_the_known_reasons_cover_every_code_the_sources_count():
         return {c for f in found for c in ((f,) if isinstance(f, str) else f)}
     raised = r'(?:Error|err|\bg)\(\s*(?:[\w.]+,\s*)?"([a-z0-9_]+)"'
     wire_codes = set().union(*(codes(f"wire/{f.name}", raised) for f in (root / "wire").glob("*.py")))
-    server = codes("transport/server.py", raised, r'"(\w+)" if s in self._owner else "(\w+)"')
+    server = codes("transport/server.py", raised, r'"(\w+)" if s in self._owner else "(\w+)"') | codes(
+        "transport/connection.py", raised)
     stream_ends = codes("transport/streams.py", r'return "([a-z_]+)"') - {"eof"}
     fatal = set(re.search(r"_FATAL = frozenset\(\{(.*?)\}\)", (root / "transport/server.py").read_text())
                 .group(1).replace('"', "").replace(" ", "").split(","))
@@ -269,7 +270,8 @@ def test_the_known_reasons_cover_every_code_the_sources_count():
         "serving/frontdoor.py", raised) | {"rejected"}
     refusals = wire_codes | (server - {"handler_error"}) | stream_ends | declines
     disconnects = codes("transport/server.py", r'abort\("([a-z_]+)"\)', r'disconnects\["([a-z_]+)"\]',
-                        r'fatal or "([a-z_]+)"') | fatal | stream_ends
+                        r'fatal or "([a-z_]+)"') | codes("transport/connection.py", r'abort\("([a-z_]+)"\)') \
+        | fatal | stream_ends
     errors = codes("serving/endpoint.py", r'_refuse\([\w.]+, "([a-z_]+)"', r'wire\.Error\([\w.]+, "([a-z_]+)"') | \
         codes("runtime/cloud.py", raised) | codes("training/cloud.py", raised)
     faults = codes("serving/endpoint.py", r'faults\["([a-z_]+)"\]')

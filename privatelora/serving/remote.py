@@ -207,11 +207,17 @@ class DeviceBatch:
         if backs:
             logits_many(backs)
         now = asyncio.get_running_loop().time()
-        for sess, (gen, observe), msg in acts:
+        answered, replies = [], []
+        for sess, run, msg in acts:
             try:
-                rep = gen.device.reply(msg)
-                client.answer(rep)
+                replies.append(run[0].device.reply(msg))
             except Exception:             # the session's own loop meets the failure again
+                sess.deliver(msg)
+                continue
+            answered.append((sess, run, msg))
+        # one bundle frame for all the replies (a failure is its session's alone)
+        for (sess, (gen, observe), msg), res in zip(answered, client.answer_many(replies)):
+            if isinstance(res, BaseException):
                 sess.deliver(msg)
                 continue
             if observe is not None:

@@ -91,10 +91,13 @@ class Client:
     edge host's sessions), ``burst(client, [(session, message), ...])`` is called once
     with them, and answers what it can at once (``answer``) and passes the rest on
     (``Session.deliver``). An edge host so answers a stage for all its users in one
-    batched computation, without waking one coroutine per user.
+    batched computation, without waking one coroutine per user, and sends the answers in
+    one bundle frame (``answer_many``; ``wire/bundle.py``); bundles the cloud sends are read
+    entry by entry, each entry as the frame it stands for.
     """
 
     coalesce = True
+    bundle_replies = True   # ``answer_many`` sends one bundle (False: one frame each)
 
     def __init__(self, reader, writer, *, max_frame: int, compress: str,
                  link: LinkProfile | None, seed: int | None):
@@ -175,6 +178,39 @@ class Client:
             raise wire.AuthError("unknown_session", f"session {msg.session} is not open here")
         return self._queue_frame(msg, sess, dtype)
 
+    def answer_many(self, msgs: list) -> list:
+        """``answer`` for several ``Reply`` messages of this connection's sessions (a burst
+        handler's answers): one bundle frame for them all (``wire/bundle.py``). Returns,
+        per message, its ``FrameInfo`` or the exception ``answer`` would have raised for
+        it alone (that message is then not sent)."""
+        if len(msgs) < 2 or not self.bundle_replies:
+            out = []
+            for msg in msgs:
+                try:
+                    out.append(self.answer(msg))
+                except Exception as e:
+                    out.append(e)
+            return out
+        if self.closed:
+            return [ConnectionError("connection closed")] * len(msgs)
+        out: list = [None] * len(msgs)
+        jobs, where = [], []
+        for i, msg in enumerate(msgs):
+            sess = self._sessions.get(msg.session)
+            if sess is None:
+                out[i] = wire.AuthError("unknown_session", f"session {msg.session} is not open here")
+            else:
+                jobs.append((msg, sess._key, sess.geometry))
+                where.append(i)
+        frame, results = wire.encode_bundle(jobs, direction=wire.UP, max_frame=self.max_frame)
+        for i, info in zip(where, results):
+            out[i] = info
+            if not isinstance(info, BaseException):
+                self.stats.add(wire.UP, info)
+        if frame is not None:
+            self._queue_bytes(frame)
+        return out
+
     def _queue_frame(self, msg, sess: Session | None, dtype) -> wire.FrameInfo:
         if self.closed:
             raise ConnectionError("connection closed")
@@ -183,6 +219,10 @@ class Client:
             geometry=sess.geometry if sess else None, compress=self.compress,
             max_frame=self.max_frame)
         self.stats.add(wire.UP, info)
+        self._queue_bytes(frame)
+        return info
+
+    def _queue_bytes(self, frame: bytes) -> None:
         if self._shaper is not None:
             self._shaper.up(frame)
         elif self.coalesce:
@@ -191,7 +231,6 @@ class Client:
             self._out.append(frame)
         else:
             self._write_now(frame)
-        return info
 
     def _flush(self) -> None:
         """Write the frames queued during this loop pass, in one write."""
@@ -225,6 +264,9 @@ class Client:
         return sess.geometry if sess else None
 
     def _on_frame(self, frame: bytes) -> None:
+        if len(frame) > 5 and frame[5] == wire.BUNDLE_CODE:      # the kind byte: a bundle
+            self._on_bundle(frame)
+            return
         try:
             msg, info = wire.decode_frame(frame, direction=wire.DOWN, key_for=self._key_for,
                                           geometry_for=self._geometry_for, max_frame=self.max_frame)
@@ -232,6 +274,24 @@ class Client:
             self.refusals[e.code] += 1
             return
         self.stats.add(wire.DOWN, info)
+        self._route(msg)
+
+    def _on_bundle(self, frame: bytes) -> None:
+        """A bundle of activations: each entry as the frame it stands for."""
+        try:
+            entries = wire.decode_bundle(frame, direction=wire.DOWN, key_for=self._key_for,
+                                         geometry_for=self._geometry_for, max_frame=self.max_frame)
+        except wire.WireError as e:
+            self.refusals[e.code] += 1
+            return
+        for _, msg, info in entries:
+            if isinstance(msg, wire.WireError):
+                self.refusals[msg.code] += 1
+            else:
+                self.stats.add(wire.DOWN, info)
+                self._route(msg)
+
+    def _route(self, msg: wire.Message) -> None:
         sess = self._sessions.get(msg.session)
         if sess is None:
             self.errors.put_nowait(msg)  # session 0: about the connection

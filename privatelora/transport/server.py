@@ -20,7 +20,10 @@ Contract
   read loop ends, and every session it opened gets a synthesised ``Close``.
   ``send_many([(msg, dtype), ...])`` sends a stage's answers: one write per connection,
   views of one stage buffer converted once (``wire.encode_many``); it returns, per message,
-  None or the exception ``send_nowait`` would have raised for it alone.
+  None or the exception ``send_nowait`` would have raised for it alone. A connection whose
+  peer has sent a bundle (``wire/bundle.py``) gets the stage's activations in one bundle
+  (``bundles=False``: never); a bundle received is handled entry by entry, each entry as
+  the frame it stands for (its refusal is its session's alone).
 - Slow and idle peers: a frame, once begun, must be whole within ``frame_timeout_s``
   (``slow_frame``); a connection that holds no session must send within
   ``idle_connection_s`` (``idle``), and its frames may not exceed ``OPEN_MAX_FRAME`` (an
@@ -57,10 +60,10 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from privatelora import wire
+from privatelora.transport.connection import ServerConnection, SessionState
 from privatelora.transport.stats import ByteStats
 from privatelora.transport.streams import READ_LIMIT, nodelay, read_frame
 from privatelora.transport.tls import TLSRequiredError, is_loopback, server_ssl_context
@@ -81,134 +84,7 @@ _STREAM_END = {"slow_frame": "a frame was not whole within the frame timeout",
 
 
 
-@dataclass(repr=False)
-class _SessionState:
-    key: bytes
-    geometry: wire.Geometry
-
-
 Handler = Callable[["ServerConnection", wire.Message], Awaitable[None]]
-
-
-class ServerConnection:
-    """One accepted connection: the sessions it opened and its byte counts."""
-
-    def __init__(self, server: "Server", writer: asyncio.StreamWriter, cid: int):
-        self.server, self.id, self._writer = server, cid, writer
-        self.peer = writer.get_extra_info("peername")
-        self.sessions: dict[int, _SessionState] = {}
-        self.stats = ByteStats()
-        self.refusals: Counter[str] = Counter()
-        self.closed_reason: str | None = None  # why the server cut this connection, once it has
-        self.retired: dict[int, bool] = {}  # sessions the app ended, until the device's Close (oldest first)
-        self._kick = asyncio.Event()  # the transport holds unsent bytes: the writer task waits them out
-        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
-
-    def __repr__(self) -> str:
-        return f"ServerConnection(id={self.id}, peer={self.peer}, sessions={len(self.sessions)})"
-
-    def _key_for(self, s: int) -> bytes | None:
-        st = self.sessions.get(s)
-        return st.key if st else None
-
-    def _geometry_for(self, s: int) -> wire.Geometry | None:
-        st = self.sessions.get(s)
-        return st.geometry if st else None
-
-    def _write(self, msg: wire.Message, key: bytes | None = None,
-               dtype: str | None = None) -> wire.FrameInfo:
-        st = self.sessions.get(msg.session)
-        if msg.session and st is None and key is None:
-            raise wire.AuthError("unknown_session", f"session {msg.session} is not open here")
-        frame, info = wire.encode_frame(
-            msg, key=key or (st.key if st else None), direction=wire.DOWN, dtype=dtype,
-            geometry=st.geometry if st else None, compress=self.server.compress,
-            max_frame=self.server.max_frame)
-        if self.closed_reason is not None or self._writer.is_closing():
-            raise ConnectionResetError("connection closed")
-        self._writer.write(frame)  # one write per frame: frames never interleave
-        self.stats.add(wire.DOWN, info)
-        self.server.stats.add(wire.DOWN, info)
-        unsent = self._writer.transport.get_write_buffer_size()
-        if unsent > self.server.max_pending_write:
-            self.abort("slow_reader")
-            raise ConnectionResetError(f"peer left {unsent} bytes unread")
-        if unsent:
-            self._kick.set()
-        return info
-
-    def _write_many(self, items: list, shared: dict) -> list:
-        """Encode ``items`` [(msg, dtype)] (``wire.encode_many``) and write every frame that
-        encoded in ONE transport write; per item, None (queued) or its exception."""
-        out: list = [None] * len(items)
-        jobs, where = [], []
-        for i, (msg, dtype) in enumerate(items):
-            st = self.sessions.get(msg.session)
-            if msg.session and st is None:
-                out[i] = wire.AuthError("unknown_session", f"session {msg.session} is not open here")
-                continue
-            jobs.append((msg, st.key if st else None, st.geometry if st else None, dtype))
-            where.append(i)
-        frames, infos = [], []
-        for i, res in zip(where, wire.encode_many(jobs, direction=wire.DOWN, compress=self.server.compress,
-                                                   max_frame=self.server.max_frame, shared=shared)):
-            if isinstance(res, BaseException):
-                out[i] = res
-            else:
-                frames.append(res[0])
-                infos.append((i, res[1]))
-        if not frames:
-            return out
-        if self.closed_reason is not None or self._writer.is_closing():
-            for i, _ in infos:
-                out[i] = ConnectionResetError("connection closed")
-            return out
-        self._writer.write(b"".join(frames))  # one write for the batch: frames stay whole, in order
-        for _, info in infos:
-            self.stats.add(wire.DOWN, info)
-            self.server.stats.add(wire.DOWN, info)
-        unsent = self._writer.transport.get_write_buffer_size()
-        if unsent > self.server.max_pending_write:
-            self.abort("slow_reader")
-            for i, _ in infos:
-                out[i] = ConnectionResetError(f"peer left {unsent} bytes unread")
-        elif unsent:
-            self._kick.set()
-        return out
-
-    def send_nowait(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
-        """Send a cloud -> device message on a session of this connection, without waiting
-        for the peer. Raises the encoder's error, or ``ConnectionResetError`` if the
-        connection is gone (or was just cut for not reading)."""
-        return self._write(msg, dtype=dtype)
-
-    async def send(self, msg: wire.Message, *, dtype: str | None = None) -> wire.FrameInfo:
-        """``send_nowait`` (kept awaitable for callers that are coroutines)."""
-        return self._write(msg, dtype=dtype)
-
-    def abort(self, code: str) -> None:
-        """Cut the connection now (its read loop ends and its sessions are closed)."""
-        if self.closed_reason is None:
-            self.closed_reason = code
-            self.server.disconnects[code] += 1
-        self._writer.transport.abort()
-
-    async def _pump(self) -> None:
-        """The connection's one writer: waits for the socket to drain, within the deadline."""
-        try:
-            while True:
-                await self._kick.wait()
-                self._kick.clear()
-                try:
-                    async with asyncio.timeout(self.server.send_timeout_s):
-                        await self._writer.drain()
-                except TimeoutError:
-                    self.abort("send_timeout")
-                    return
-        except (ConnectionError, ssl.SSLError, RuntimeError):
-            self.abort("connection_error")
-        except asyncio.CancelledError:
-            pass
 
 
 class Server:
@@ -220,7 +96,7 @@ class Server:
                  max_frame: int = wire.DEFAULT_MAX_FRAME, compress: str = "auto",
                  disconnect_on_refusal: bool = False, send_timeout_s: float = SEND_TIMEOUT_S,
                  max_pending_write: int = MAX_PENDING_WRITE, frame_timeout_s: float = FRAME_TIMEOUT_S,
-                 idle_connection_s: float = IDLE_CONNECTION_S):
+                 idle_connection_s: float = IDLE_CONNECTION_S, bundles: bool = True):
         if min(send_timeout_s, frame_timeout_s, idle_connection_s) <= 0 or max_pending_write < 1:
             raise ValueError("send_timeout_s, frame_timeout_s and idle_connection_s must be > 0, "
                              "max_pending_write >= 1")
@@ -233,6 +109,7 @@ class Server:
                 "the activations must be encrypted. Pass cert= and key= (PEM paths), or "
                 "ssl_context=; for local tests see privatelora.transport.make_self_signed.")
         self.handler, self.host, self.port = handler, host, port
+        self.bundles = bundles  # bundle a stage's activations for a peer that sends bundles
         self.ssl_context, self.max_frame, self.compress = ssl_context, max_frame, compress
         # serving sets this: a peer that breaks the protocol once gets its Error, then is cut off
         self.disconnect_on_refusal = disconnect_on_refusal
@@ -398,6 +275,8 @@ class Server:
         except wire.WireError as e:  # not our header: the stream is out of sync or not ours
             self._refuse(conn, e, 0)
             return False, e.code if e.code in _FATAL else None
+        if hdr.kind == "bundle":
+            return await self._on_bundle(conn, frame)
         s = hdr.session
         if s in conn.retired:       # the app ended it (and told the device why) while this was in flight
             if hdr.kind == "close":
@@ -429,6 +308,33 @@ class Server:
             await self._call(conn, msg)
         return True, None
 
+    async def _on_bundle(self, conn: ServerConnection, frame: bytes) -> tuple[bool | None, str | None]:
+        """A bundle of replies: each entry is handled as the frame it stands for (its
+        refusal is its session's alone, counted and answered as a frame's)."""
+        try:
+            entries = wire.decode_bundle(frame, direction=wire.UP, key_for=conn._key_for,
+                                         geometry_for=conn._geometry_for, max_frame=self.max_frame)
+        except wire.WireError as e:
+            self._refuse(conn, e, 0)
+            self._count_refused(conn, frame)
+            return False, None
+        conn.bundles = True
+        ok: bool | None = True
+        for s, msg, info in entries:
+            conn.stats.add(wire.UP, info)
+            self.stats.add(wire.UP, info)
+            if s in conn.retired:                       # as a frame of a session the app ended
+                self._refuse(conn, wire.AuthError("session_closed", f"session {s} was closed by the cloud"), 0)
+                ok = None if ok else ok
+            elif isinstance(msg, wire.WireError):
+                if msg.code == "unknown_session" and s in self._owner:
+                    msg = wire.AuthError("foreign_session", f"session {s} is not open here")
+                self._refuse(conn, msg, s)
+                ok = False
+            else:
+                await self._call(conn, msg)
+        return ok, None
+
     def _count_refused(self, conn: ServerConnection, frame: bytes) -> None:
         info = wire.FrameInfo("refused", 0, len(frame), False)
         conn.stats.add(wire.UP, info)
@@ -442,7 +348,7 @@ class Server:
             self._refuse(conn, wire.AuthError("session_in_use", f"session {s} is already open"),
                          s, key=msg.key)
             return False
-        conn.sessions[s] = _SessionState(msg.key, msg.geometry)
+        conn.sessions[s] = SessionState(msg.key, msg.geometry)
         self._owner[s] = conn
         try:
             answer = await self.handler(conn, msg)

@@ -2,7 +2,7 @@
 
 Modules: ``errors`` (refusals), ``schema`` (field checks, ``Geometry``), ``tensors``
 (tensor records and wire dtypes), ``kinds`` (the frame-kind registry and the serving
-kinds), ``training`` (the split-training kinds), ``frames`` (framing, HMAC, lz4, the
+kinds), ``training`` (the split-training kinds), ``bundle`` (many sessions' tensor frames in one), ``frames`` (framing, HMAC, lz4, the
 encoder and the strict decoder). This package exports the codec's public surface, so
 callers write ``wire.encode(...)``; the message classes are re-exported for convenience.
 Layout and refusal codes: ``docs/wire.md``.
@@ -10,8 +10,10 @@ Layout and refusal codes: ``docs/wire.md``.
 
 from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Redirect, Reply  # noqa: F401
 from privatelora.wire import training as _training  # noqa: F401  (registers kinds 16-21)
+from privatelora.wire.bundle import ENTRY_LEN as BUNDLE_ENTRY_LEN, decode_bundle, encode_bundle, is_bundle  # noqa: F401
 from privatelora.wire.errors import AuthError, FrameError, GeometryError, PrivacyError, SchemaError, WireError  # noqa: F401
 from privatelora.wire.frames import (  # noqa: F401
+                                          BUNDLE_CODE,
                                           CONNECTION_KEY,
                                           DEFAULT_MAX_FRAME,
                                           FLAG_DOWN,

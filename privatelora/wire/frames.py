@@ -51,6 +51,8 @@ FLAG_LZ4, FLAG_DOWN = 0x01, 0x02
 CONNECTION_KEY = b"privatelora/wire/v1/connection-channel"
 COMPRESS_MIN_BYTES = 1024  # below this lz4 cannot save enough to pay for the try
 COMPRESS_MIN_GAIN = 0.10  # keep lz4 only if the body shrinks by at least 10%
+BUNDLE_CODE = 9  # a connection's bundle of many sessions' tensor frames (wire/bundle.py)
+RAW_OF: dict = {}  # kind code -> raw tensor bytes of a frame whose body is not a msgpack map (``frame_info``)
 
 
 class FrameInfo(NamedTuple):
@@ -276,6 +278,8 @@ def _decode(buf, direction, geometry_for, key_for, max_frame):
     view, hdr, kind = _split(buf, max_frame)
     if bool(hdr.flags & FLAG_DOWN) != (direction == DOWN) or direction not in kind.directions:
         raise FrameError("bad_direction", f"{hdr.kind} frame is not valid travelling {direction}")
+    if kind.code == BUNDLE_CODE:
+        raise FrameError("unknown_kind", "a bundle frame is read with wire.decode_bundle")
     if hdr.session == 0 and kind.cls is not Error:
         raise FrameError("bad_session", "session 0 carries only Error frames")
     if kind.cls is Open:  # signed by the key it carries: parse (bounded) first, then verify
@@ -325,11 +329,21 @@ def frame_info(buf: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> FrameInfo:
     """Kind, raw payload bytes and wire bytes of a frame, for accounting. Does not
     authenticate or validate tensors (use decode for that); raises WireError on garbage."""
     view, hdr, kind = _split(buf, max_frame)
+    if kind.code in RAW_OF:           # a kind whose body is not a msgpack map (a bundle)
+        return FrameInfo(kind.name, RAW_OF[kind.code](buf, max_frame), len(view), False)
     body = _body(view, hdr.flags, max_frame)
     raw = 0
     for name in kind.tensor_fields:
         t = body.get(name) if type(body) is dict else None
         if type(t) is list and len(t) >= 5 and type(t[0]) is int and t[0] in CODE_DTYPES \
                 and all(type(x) is int for x in t[1:4]):
-            raw += t[1] * t[2] * t[3] * DTYPES[CODE_DTYPES[t[0]]]
+            raw += _record_raw(t)
     return FrameInfo(kind.name, raw, len(view), bool(hdr.flags & FLAG_LZ4))
+
+
+def _record_raw(t: list) -> int:
+    return t[1] * t[2] * t[3] * DTYPES[CODE_DTYPES[t[0]]]
+
+
+# the framing pieces a kind whose body is not a msgpack map reads its frames with (wire/bundle.py)
+guarded, split_frame, mac_tag, verify_mac, record_raw = _guarded, _split, _tag, _verify, _record_raw
