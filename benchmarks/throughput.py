@@ -27,13 +27,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="runs per user count; figures are their medians")
     ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and plots go")
-    args = ap.parse_args()
-    users = tuple(int(u) for u in args.users.split(","))
-    args.out.mkdir(parents=True, exist_ok=True)
     runs = {"loopback": dict(link="loopback"), "loopback-host": dict(link="loopback", edge_hosts=1, hf=False),
             "5g": dict(link="5g", hf=False)}
-    for name, kw in runs.items():
-        r = run(args.geometry, users=users, new_tokens=args.new_tokens, repeat=args.repeat, **kw)
+    ap.add_argument("--only", default=",".join(runs), help=f"comma-separated runs among {', '.join(runs)} (default all)")
+    args = ap.parse_args()
+    users = tuple(int(u) for u in args.users.split(","))
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    if not only or set(only) - set(runs):
+        ap.error(f"--only takes runs among {', '.join(runs)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in only:          # each with the replica's stage-loop timeline of ours (--trace)
+        r = run(args.geometry, users=users, new_tokens=args.new_tokens, repeat=args.repeat, trace=True, **runs[name])
         (args.out / f"throughput-{name}.json").write_text(json.dumps(r, indent=1))
         plot(r, str(args.out / f"throughput-{name}.png"))
         print(json.dumps(r), flush=True)
