@@ -239,3 +239,21 @@ def test_bundles_over_tcp_both_ways_and_a_forged_entry_refused_alone(monkeypatch
         await c.close()
         await srv.stop()
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_bundle_over_the_frame_limit_goes_as_frames():
+    async def main():
+        app = Echo()
+        srv = await tp.Server(app).start()
+        app.server = srv
+        c = await tp.Client.connect(*srv.address, max_frame=300)    # one reply fits, three in one frame do not
+        ss = [await c.open(G) for _ in range(3)]
+        reps = [Reply(s.id, 2, tuple(torch.full((1, 8), 0.25 * (i + 1)) for _ in range(3))) for i, s in enumerate(ss)]
+        assert all(isinstance(r, wire.FrameInfo) for r in c.answer_many(reps))
+        assert [type(await s.recv(5)) for s in ss] == [Activations] * 3
+        assert not next(iter(srv.connections)).bundles          # it never received one
+        assert c.stats.up["reply"].frames == 3
+        await c.close()
+        await srv.stop()
+    asyncio.run(asyncio.wait_for(main(), 30))
+

@@ -184,13 +184,7 @@ class Client:
         per message, its ``FrameInfo`` or the exception ``answer`` would have raised for
         it alone (that message is then not sent)."""
         if len(msgs) < 2 or not self.bundle_replies:
-            out = []
-            for msg in msgs:
-                try:
-                    out.append(self.answer(msg))
-                except Exception as e:
-                    out.append(e)
-            return out
+            return self._answer_each(msgs)
         if self.closed:
             return [ConnectionError("connection closed")] * len(msgs)
         out: list = [None] * len(msgs)
@@ -203,12 +197,23 @@ class Client:
                 jobs.append((msg, sess._key, sess.geometry))
                 where.append(i)
         frame, results = wire.encode_bundle(jobs, direction=wire.UP, max_frame=self.max_frame)
+        if frame is None:               # none went in (over the frame limit, say): one frame each
+            return self._answer_each(msgs)
         for i, info in zip(where, results):
             out[i] = info
             if not isinstance(info, BaseException):
                 self.stats.add(wire.UP, info)
         if frame is not None:
             self._queue_bytes(frame)
+        return out
+
+    def _answer_each(self, msgs: list) -> list:
+        out = []
+        for msg in msgs:
+            try:
+                out.append(self.answer(msg))
+            except Exception as e:
+                out.append(e)
         return out
 
     def _queue_frame(self, msg, sess: Session | None, dtype) -> wire.FrameInfo:

@@ -84,6 +84,8 @@ class ServerConnection:
             if len(picked) > 1:
                 frame, results = wire.encode_bundle([jobs[k][:3] for k in picked], direction=wire.DOWN,
                                                     max_frame=self.server.max_frame, shared=shared)
+                if frame is None:       # none went in (over the frame limit, say): one frame each
+                    picked, results = [], []
                 for k, res in zip(picked, results):
                     if isinstance(res, BaseException):
                         out[where[k]] = res
