@@ -43,7 +43,7 @@ class Timeline:
         cols: dict[str, list[float]] = {k: [] for k in ("stage_ms", "prepare_ms", "to_worker_ms", "round_trip_ms",
                                                          "after_reply_ms", "cycle_ms", "exposed_ms")}
         stages = [c for c in calls if c[0] == "run"]
-        for i, (a, p, b) in enumerate(zip(calls, calls[1:], calls[2:])):
+        for a, p, b in zip(calls, calls[1:], calls[2:]):
             if (a[0], p[0], b[0]) != ("run", "prepare", "run"):
                 continue
             lo, hi = bisect.bisect_left(replies, a[3]), bisect.bisect_left(replies, b[1])

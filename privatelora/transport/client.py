@@ -203,8 +203,7 @@ class Client:
             out[i] = info
             if not isinstance(info, BaseException):
                 self.stats.add(wire.UP, info)
-        if frame is not None:
-            self._queue_bytes(frame)
+        self._queue_bytes(frame)
         return out
 
     def _answer_each(self, msgs: list) -> list:

@@ -81,20 +81,18 @@ class ServerConnection:
         frames, infos = [], []
         if self.bundles and self.server.bundles:    # a stage's activations in one frame
             picked = [k for k, job in enumerate(jobs) if type(job[0]) is wire.Activations]
-            if len(picked) > 1:
-                frame, results = wire.encode_bundle([jobs[k][:3] for k in picked], direction=wire.DOWN,
-                                                    max_frame=self.server.max_frame, shared=shared)
-                if frame is None:       # none went in (over the frame limit, say): one frame each
-                    picked, results = [], []
+            frame, results = wire.encode_bundle([jobs[k][:3] for k in picked], direction=wire.DOWN,
+                                                max_frame=self.server.max_frame, shared=shared) \
+                if len(picked) > 1 else (None, [])
+            if frame is not None:       # else (over the frame limit, say) one frame each, below
+                frames.append(frame)
                 for k, res in zip(picked, results):
                     if isinstance(res, BaseException):
                         out[where[k]] = res
                     else:
                         infos.append((where[k], res))
-                if frame is not None:
-                    frames.append(frame)
-                keep = set(range(len(jobs))) - set(picked)
-                jobs, where = [jobs[k] for k in sorted(keep)], [where[k] for k in sorted(keep)]
+                rest = sorted(set(range(len(jobs))) - set(picked))
+                jobs, where = [jobs[k] for k in rest], [where[k] for k in rest]
         for i, res in zip(where, wire.encode_many(jobs, direction=wire.DOWN, compress=self.server.compress,
                                                    max_frame=self.server.max_frame, shared=shared)):
             if isinstance(res, BaseException):

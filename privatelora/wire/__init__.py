@@ -10,7 +10,7 @@ Layout and refusal codes: ``docs/wire.md``.
 
 from privatelora.runtime.messages import Activations, Close, Error, Handoff, Message, Open, Opened, Redirect, Reply  # noqa: F401
 from privatelora.wire import training as _training  # noqa: F401  (registers kinds 16-21)
-from privatelora.wire.bundle import ENTRY_LEN as BUNDLE_ENTRY_LEN, decode_bundle, encode_bundle, is_bundle  # noqa: F401
+from privatelora.wire.bundle import ENTRY_LEN as BUNDLE_ENTRY_LEN, decode_bundle, encode_bundle  # noqa: F401
 from privatelora.wire.errors import AuthError, FrameError, GeometryError, PrivacyError, SchemaError, WireError  # noqa: F401
 from privatelora.wire.frames import (  # noqa: F401
                                           BUNDLE_CODE,

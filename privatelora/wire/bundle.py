@@ -119,29 +119,17 @@ def encode_bundle(jobs, *, direction: str, max_frame: int = DEFAULT_MAX_FRAME,
     return PREFIX.pack(len(signed) + TAG_LEN) + signed + mac_tag(CONNECTION_KEY, signed), results
 
 
-def _payload_len(code: int, count: int, rows: int, cols: int) -> int:
-    name = CODE_DTYPES[code]
-    return count * rows * cols * DTYPES[name] + (count * rows * 4 if name == "int8" else 0)
-
-
-@guarded
-def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None],
-                  geometry_for: Callable[[int], object], max_frame: int = DEFAULT_MAX_FRAME) -> list:
-    """Read a bundle frame that travelled ``direction``. Returns one ``(session, message
-    or WireError, FrameInfo)`` per entry, in order (the FrameInfo's wire bytes are the
-    entry's share, as ``encode_bundle``'s). Raises ``WireError`` only for the frame itself."""
-    if direction not in _ENTRY_KINDS:
-        raise ValueError(f"direction must be {UP!r} or {DOWN!r}, not {direction!r}")
+def _split_bundle(buf, max_frame: int):
     view, hdr, kind = split_frame(buf, max_frame)
     if kind is not BUNDLE:
         raise FrameError("unknown_kind", f"a {hdr.kind} frame is not a bundle")
-    if bool(hdr.flags & FLAG_DOWN) != (direction == DOWN):
-        raise FrameError("bad_direction", f"bundle is not valid travelling {direction}")
-    if hdr.session != 0 or hdr.flags & FLAG_LZ4:
-        raise FrameError("bad_header", "a bundle names no session and is never compressed")
-    verify_mac(view, CONNECTION_KEY)
-    end = len(view) - TAG_LEN
-    pos = PREFIX.size + HEADER.size
+    return view, hdr
+
+
+def _table(view) -> list:
+    """A bundle's entries, as ``(fields, table offset, payload offset, payload size, data
+    size)``, read by fixed offsets; ``FrameError`` where its table and payloads do not match."""
+    end, pos = len(view) - TAG_LEN, PREFIX.size + HEADER.size
     if end - pos < BODY.size:
         raise FrameError("malformed", "bundle shorter than its header")
     n, reserved = BODY.unpack_from(view, pos)
@@ -152,21 +140,41 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
     for i in range(n):
         e = pos + i * ENTRY_LEN
         fields = ENTRY.unpack_from(view, e)
-        if fields[2] not in CODE_DTYPES:
+        dtype = CODE_DTYPES.get(fields[2])
+        if dtype is None:
             raise FrameError("malformed", f"bundle entry {i} has dtype code {fields[2]}")
-        size = _payload_len(fields[2], fields[3], fields[6], fields[7])
+        data = fields[3] * fields[6] * fields[7] * DTYPES[dtype]
+        size = data + (fields[3] * fields[6] * 4 if dtype == "int8" else 0)
         if size > end - at:
             raise FrameError("malformed", "bundle payloads do not match its table")
-        entries.append((fields, e, at, size))
+        entries.append((fields, e, at, size, data))
         at += size
     if at != end:
         raise FrameError("malformed", "bundle payloads do not match its table")
+    return entries
+
+
+@guarded
+def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None],
+                  geometry_for: Callable[[int], object], max_frame: int = DEFAULT_MAX_FRAME) -> list:
+    """Read a bundle frame that travelled ``direction``. Returns one ``(session, message
+    or WireError, FrameInfo)`` per entry, in order (the FrameInfo's wire bytes are the
+    entry's share, as ``encode_bundle``'s). Raises ``WireError`` only for the frame itself."""
+    if direction not in _ENTRY_KINDS:
+        raise ValueError(f"direction must be {UP!r} or {DOWN!r}, not {direction!r}")
+    view, hdr = _split_bundle(buf, max_frame)
+    if bool(hdr.flags & FLAG_DOWN) != (direction == DOWN):
+        raise FrameError("bad_direction", f"bundle is not valid travelling {direction}")
+    if hdr.session != 0 or hdr.flags & FLAG_LZ4:
+        raise FrameError("bad_header", "a bundle names no session and is never compressed")
+    verify_mac(view, CONNECTION_KEY)
+    entries = _table(view)
     code, name, cls, field = _ENTRY_KINDS[direction]
     out = []
-    for i, (fields, e, at, size) in enumerate(entries):
+    for i, (fields, e, at, size, data) in enumerate(entries):
         share = ENTRY_LEN + size + (FIXED if i == 0 else 0)
         try:
-            msg, raw = _entry(view, fields, e, at, size, hdr.flags, code, cls, field, key_for, geometry_for)
+            msg, raw = _entry(view, fields, e, at, size, data, hdr.flags, code, cls, field, key_for, geometry_for)
         except WireError as err:
             out.append((fields[0], err, FrameInfo("refused", 0, share, False)))
         else:
@@ -174,7 +182,7 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
     return out
 
 
-def _entry(view, fields, e, at, size, flags, code, cls, field, key_for, geometry_for):
+def _entry(view, fields, e, at, size, data, flags, code, cls, field, key_for, geometry_for):
     session, kind, dcode, count, reserved, layer, rows, cols = fields
     if kind != code or reserved or not session:
         raise FrameError("bad_direction" if kind != code else "bad_header",
@@ -191,8 +199,7 @@ def _entry(view, fields, e, at, size, flags, code, cls, field, key_for, geometry
     if g is None:
         raise GeometryError("no_geometry", "tensor frames need the session's declared geometry")
     check_layer_in(g, layer)
-    n = count * rows * cols * DTYPES[CODE_DTYPES[dcode]]
-    rec = [dcode, count, rows, cols, bytes(payload[:n])] + ([bytes(payload[n:])] if CODE_DTYPES[dcode] == "int8" else [])
+    rec = [dcode, count, rows, cols, bytes(payload[:data])] + ([bytes(payload[data:])] if size > data else [])
     ctx = FrameContext(UP if cls is Reply else DOWN, g)
     ts = unpack_tensor(ctx, rec, _count(g, ctx.direction), g.rank, g.max_tokens, field, g.dtype)
     return cls(session, layer, ts), ctx.raw
@@ -203,45 +210,18 @@ def bundle_records(buf, max_frame: int = DEFAULT_MAX_FRAME) -> list:
     cols, data(, scales)])`` records, WITHOUT authenticating them: for audits of recorded
     traffic (``placement.checks.audit_frames``) and accounting. Raises ``WireError`` for a
     frame that is not a well-formed bundle."""
-    view, hdr, kind = split_frame(buf, max_frame)
-    if kind is not BUNDLE:
-        raise FrameError("unknown_kind", f"a {hdr.kind} frame is not a bundle")
-    end, pos = len(view) - TAG_LEN, PREFIX.size + HEADER.size
-    if end - pos < BODY.size:
-        raise FrameError("malformed", "bundle shorter than its header")
-    n, _ = BODY.unpack_from(view, pos)
-    pos += BODY.size
-    at, out = pos + n * ENTRY_LEN, []
-    if n > MAX_ENTRIES or at > end:
-        raise FrameError("malformed", "bundle table does not fit")
-    for i in range(n):
-        session, kcode, dcode, count, _, _, rows, cols = ENTRY.unpack_from(view, pos + i * ENTRY_LEN)
-        if dcode not in CODE_DTYPES:
-            raise FrameError("malformed", f"bundle entry {i} has dtype code {dcode}")
-        size = _payload_len(dcode, count, rows, cols)
-        if size > end - at:
-            raise FrameError("malformed", "bundle payloads do not match its table")
-        n_data = count * rows * cols * DTYPES[CODE_DTYPES[dcode]]
-        rec = [dcode, count, rows, cols, bytes(view[at:at + n_data])]
-        if CODE_DTYPES[dcode] == "int8":
-            rec.append(bytes(view[at + n_data:at + size]))
-        out.append((session, kcode, rec))
-        at += size
-    if at != end:
-        raise FrameError("malformed", "bundle payloads do not match its table")
+    view, _ = _split_bundle(buf, max_frame)
+    out = []
+    for fields, _, at, size, data in _table(view):
+        rec = [fields[2], fields[3], fields[6], fields[7], bytes(view[at:at + data])]
+        if size > data:         # int8: the row scales
+            rec.append(bytes(view[at + data:at + size]))
+        out.append((fields[0], fields[1], rec))
     return out
 
 
 RAW_OF[BUNDLE_CODE] = lambda buf, max_frame: sum(record_raw(rec) for _, _, rec in bundle_records(buf, max_frame))
 
 
-def is_bundle(buf, max_frame: int = DEFAULT_MAX_FRAME) -> bool:
-    """Whether ``buf`` is headed as a bundle (header only; False for anything unreadable)."""
-    try:
-        return split_frame(buf, max_frame)[2] is BUNDLE
-    except Exception:
-        return False
-
-
 __all__ = ["Bundle", "BUNDLE", "ENTRY_LEN", "FIXED", "MAX_ENTRIES", "bundle_records", "decode_bundle",
-           "encode_bundle", "is_bundle"]
+           "encode_bundle"]
