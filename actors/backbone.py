@@ -173,7 +173,10 @@ class BackboneReplica:
         and return its summary."""
         from privatelora.serving.timeline import Timeline
         tl, self.endpoint.timeline = self.endpoint.timeline, Timeline() if on else None
-        return None if on or tl is None else tl.summary()
+        if on or tl is None:
+            return None
+        tl.stop()                  # on the event loop's thread, as the endpoint's own calls
+        return tl.summary()
 
     async def set_policy(self, **policy) -> None:
         """``CloudEndpoint.set_policy``: gather_s, merge, max_batch."""

@@ -152,7 +152,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
     try:
         info = pool.infos[0]
         say(f"backbone replica up ({len(info['layers'])} cloud layers on {info['device']}, cores "
-            f"{pool.cloud_cores or 'all'}); starting {users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
+            f"{pool.cloud_cores or 'all'}, its event loop on {pool.io_cores or 'all'}); starting {users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
         devices = _Devices(pool, users[-1], edge_hosts, dtype, say)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, mc.vocab_size, (prompt_tokens,), generator=g).tolist() for _ in range(users[-1])]
@@ -174,7 +174,7 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
            "repeat": repeat, "statistic": "median of the repeats; _min/_max: their range", "limit": LIMIT,
            "hf_cloud_only": HF_REFERENCE if hf else None,
            "device": info["device"], "gpus_per_replica": gpus_per_replica,
-           "cores": {"backbone": pool.cloud_cores, "edges": pool.edge_cores}, "results": rows,
+           "cores": {"backbone": pool.cloud_cores, "io": pool.io_cores, "edges": pool.edge_cores}, "results": rows,
            "total_seconds": time.time() - t_start}
     if base["users"] == 1 and top["users"] > 1:
         ideal = top["limit_tok_s"] / base["limit_tok_s"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from privatelora.actors.backbone import replica_cores
-from privatelora.actors.pool import replica_resources
+from privatelora.actors.pool import replica_resources, split_cores
 from privatelora.placement import CLOUD
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,6 +33,16 @@ def test_the_replica_process_spans_its_compute_and_io_cores():
     assert replica_cores([0], [1, 2]) == [0, 1, 2]        # the endpoint pins its two threads apart
     assert replica_cores([0], None) == [0]                # not pinning apart: the compute cores only
     assert replica_cores(None, None) is None and replica_cores(None, [1]) is None
+
+
+def test_the_replica_never_shares_a_core_with_the_simulated_devices():
+    assert split_cores(2) == ([0], [0], [1])                # its event loop on the stages' core
+    assert split_cores(3) == ([0], [1], [2])                # a core of its own once there is one
+    assert split_cores(16, 2) == ([0, 1], [2], list(range(3, 16)))
+    assert split_cores(1) == (None, None, None)             # one core: nothing to pin apart
+    for n in range(2, 9):
+        cloud, io, edges = split_cores(n)
+        assert not (set(cloud) | set(io)) & set(edges) and sorted(set(cloud) | set(io) | set(edges)) == list(range(n))
 
 
 def _on(model, where: str):

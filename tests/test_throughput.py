@@ -177,6 +177,9 @@ def test_bench_throughput_end_to_end_on_the_tiny_model():
     rows = out["results"]
     assert [r["users"] for r in rows] == [1, 2]
     assert out["repeat"] == 2 and out["limit"] == LIMIT and out["device"] == "cpu"
+    cores = out["cores"]                                     # the replica never shares a core with the devices
+    if cores["backbone"]:
+        assert not (set(cores["backbone"]) | set(cores["io"])) & set(cores["edges"])
     for r in rows:
         for k in ("limit_tok_s", "ours_tok_s", "paper_style_tok_s", "backbone_busy"):
             assert 0 < r[f"{k}_min"] <= r[k] <= r[f"{k}_max"], k
@@ -188,6 +191,7 @@ def test_bench_throughput_end_to_end_on_the_tiny_model():
         assert len(r["ours_timeline"]) == 2                  # one per repeat
         for t in r["ours_timeline"]:
             assert t["decode_cycles"] >= 1 and t["stage_ms"] > 0 and t["cycle_ms"] >= t["stage_ms"]
+            assert t["hand_outs"] >= 6 and t["token_ms"] > t["hand_off_ms"] > 0 and t["loop_cpu_ms"] > 0
     assert rows[1]["ours_mean_batch"] > 1.0                  # two users share stages
     s = out["summary"]
     assert s["ideal_gain"] == pytest.approx(rows[1]["limit_tok_s"] / rows[0]["limit_tok_s"])

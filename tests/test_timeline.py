@@ -41,6 +41,27 @@ def test_summary_splits_a_decode_cycle():
     assert Timeline().summary()["cycle_ms"] is None       # nothing recorded: no figures, no error
 
 
+def test_summary_splits_a_tokens_turn_through_the_devices():
+    tl = Timeline()
+    # three tokens of 100 ms: the stage that hands off ends at 10 ms, its hand-offs queued
+    # then; the devices' hand-ins at 14 and 18 ms; the next stage submitted at 18.5 ms
+    for k in range(3):
+        t = 0.100 * k
+        tl.call("run", t, t + 0.001, t + 0.010, t + 0.0101)
+        tl.hand_out(t + 0.0101)
+        tl.hand_in(t + 0.014)
+        tl.hand_in(t + 0.018)
+        tl.call("run", t + 0.0185, t + 0.019, t + 0.021, t + 0.0211)
+    s = tl.summary()
+    assert s["hand_outs"] == 3
+    assert s["hand_off_ms"] == pytest.approx(7.9, abs=1e-6)
+    assert s["after_hand_in_ms"] == pytest.approx(0.5, abs=1e-6)
+    assert s["token_ms"] == pytest.approx(100.0, abs=1e-6)
+    assert s["loop_cpu_ms"] is None                        # not stopped: no CPU figure
+    tl.stop()
+    assert tl.summary()["loop_cpu_ms"] >= 0
+
+
 def test_endpoint_records_every_stage_and_reply():
     bb = load_backbone("tiny")
     cfg = PrivateLoRAConfig(rank=8)
@@ -71,3 +92,5 @@ def test_endpoint_records_every_stage_and_reply():
     for k in ("stage_ms", "prepare_ms", "to_worker_ms", "round_trip_ms", "after_reply_ms", "exposed_ms"):
         assert s[k] >= 0, k
     assert s["cycle_ms"] >= s["stage_ms"]
+    # every generation handed its prompt's and 5 tokens' hand-offs in after the first hand-out
+    assert s["hand_outs"] >= 6 and s["token_ms"] >= s["hand_off_ms"] > 0

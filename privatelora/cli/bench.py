@@ -298,7 +298,8 @@ def print_throughput(r):
     who = f"{r['edge_hosts']} edge hosts" if r.get("edge_hosts") else "one edge actor per user"
     print(f"{r['geometry']} geometry ({r['layers']} cloud layers, rank {r['rank']}), link {r['link']}, "
           f"{r['new_tokens']} tokens per user, {who}; backbone on {r.get('device', 'cpu')}, cores "
-          f"{r['cores']['backbone']}, devices on {r['cores']['edges']}; median of {r.get('repeat', 1)} runs")
+          f"{r['cores']['backbone']}" + (f" (its event loop on {r['cores']['io']})" if r['cores'].get('io') else "")
+          + f", devices on {r['cores']['edges']}; median of {r.get('repeat', 1)} runs")
     print(f"limit: {r.get('limit', 'the plain batched forward')}" + ("; hf: transformers' own forward"
                                                                      if r.get("hf_cloud_only") else ""))
     hf = any("hf_cloud_only_tok_s" in x for x in r["results"])
@@ -317,7 +318,11 @@ def print_throughput(r):
                 print(f"{x['users']:5d} users, a decode cycle of ours (ms, medians of {t['decode_cycles']}): stage "
                       f"{t['stage_ms']:.2f}, prepare {t['prepare_ms']:.2f} (after {t['to_worker_ms']:.2f} to the "
                       f"worker), round trip {t['round_trip_ms']:.2f}, cycle {t['cycle_ms']:.2f}, exposed "
-                      f"{t['exposed_ms']:.2f}; limit layer {x['limit_layer_ms']:.2f}")
+                      f"{t['exposed_ms']:.2f}; limit layer {x['limit_layer_ms']:.2f}"
+                      + (f"; per token {t['token_ms']:.1f}, of which the devices' turn {t['hand_off_ms']:.1f}"
+                         if t.get("token_ms") is not None and t.get("hand_off_ms") is not None else "")
+                      + (f"; event loop CPU {t['loop_cpu_ms']:.2f} a stage" if t.get("loop_cpu_ms") is not None
+                         else ""))
     if any("model_tok_s" in x for x in r["results"]):
         print("model (this machine's loopback step + the link model's time per token): " + ", ".join(
             f"{x['users']}: {x['model_tok_s']:.1f} tok/s (measured/model {x['ours_over_model']:.2f})"

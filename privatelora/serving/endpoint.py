@@ -97,7 +97,7 @@ class CloudEndpoint:
         self._closing: set[int] = set()
         self._wake = asyncio.Event()
         # the stages' thread runs on compute_cores, the event loop (sockets, frame codec) on
-        # io_cores: the codec never takes the backbone's core (Linux; ignored elsewhere)
+        # io_cores, which may be the same cores (actors.pool.split_cores; Linux only)
         self.compute_cores, self.io_cores = compute_cores, io_cores
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="privatelora-cloud",
                                         initializer=_pin_thread, initargs=(compute_cores,))
@@ -250,6 +250,8 @@ class CloudEndpoint:
         if isinstance(msg, wire.Handoff):
             first = msg.session not in self._last_handoff
             self._chain_done(msg.session, msg.start, tokens, first, now)
+            if self.timeline is not None:
+                self.timeline.hand_in(now)
             self._event("hand_in", msg.session, tokens, first, now)
         elif not train:
             self._event("reply", msg.session, msg.layer, now)
@@ -451,6 +453,8 @@ class CloudEndpoint:
             items.append((ans, wire.HANDOFF_DTYPE[dtype] if isinstance(ans, wire.Handoff) else None))
         if not items:
             return
+        if self.timeline is not None and any(d is not None for _, d in items):
+            self.timeline.hand_out(time.monotonic())
         for (ans, _), failure in zip(items, self.server.send_many(items)):
             if not self._delivered(ans, failure):
                 continue

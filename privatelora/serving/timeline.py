@@ -15,26 +15,53 @@ then the next stage):
 - ``cycle_ms``: submit to submit; ``exposed_ms``: the cycle less the compute in it.
 
 Cycles whose next stage starts with no reply in between (a hand-in, a prefill) are counted
-but not split. Bounded: at most ``max_events`` calls and replies are kept.
+but not split. Once per token, the devices' turn: when a stage's hand-offs were queued and
+when the devices' next hand-offs came in:
+
+- ``hand_off_ms``: from a stage's hand-offs to the last hand-in the next stage took (the
+  devices' LM heads, sampling and embeddings, and the wire both ways);
+- ``after_hand_in_ms``: from that hand-in to the stage's submit;
+- ``token_ms``: from one stage's hand-offs to the next's (a token's whole step);
+- ``loop_cpu_ms``: the event loop thread's CPU time per stage (sockets, frame codec,
+  scheduling), once ``stop`` was called.
+
+Bounded: at most ``max_events`` calls, replies and hand-offs are kept.
 """
 
 from __future__ import annotations
 
 import bisect
 import statistics
+import time
 from collections import deque
 
 
 class Timeline:
+    """Create it, and ``stop`` it, on the event loop's thread: ``loop_cpu_ms`` is that
+    thread's CPU time between the two, per stage (sockets, frame codec, scheduling)."""
+
     def __init__(self, max_events: int = 200_000):
+        self._cpu = [time.thread_time(), None]
         self.calls: deque = deque(maxlen=max_events)     # (kind, submitted, started, ended, resumed)
         self.replies: deque = deque(maxlen=max_events)   # arrival times
+        self.hand_outs: deque = deque(maxlen=max_events)  # when a stage's hand-offs were queued
+        self.hand_ins: deque = deque(maxlen=max_events)   # arrival times of the devices' hand-offs
 
     def call(self, kind: str, submitted: float, started: float, ended: float, resumed: float) -> None:
         self.calls.append((kind, submitted, started, ended, resumed))
 
     def reply(self, t: float) -> None:
         self.replies.append(t)
+
+    def stop(self) -> None:
+        """The end of the record, for ``loop_cpu_ms`` (on the thread that created it)."""
+        self._cpu[1] = time.thread_time()
+
+    def hand_out(self, t: float) -> None:
+        self.hand_outs.append(t)
+
+    def hand_in(self, t: float) -> None:
+        self.hand_ins.append(t)
 
     def summary(self) -> dict:
         """Medians (ms) of the decode cycles recorded (module docstring)."""
@@ -59,5 +86,31 @@ class Timeline:
             cols["cycle_ms"].append(cycle)
             cols["exposed_ms"].append(cycle - (a[3] - a[2]) - (p[3] - p[2]))
         out = {"stages": len(stages), "replies": len(replies), "decode_cycles": len(cols["cycle_ms"])}
+        out.update({k: 1e3 * statistics.median(v) if v else None for k, v in cols.items()})
+        out.update(self._hand_offs(stages))
+        cpu = None if self._cpu[1] is None or not stages else 1e3 * (self._cpu[1] - self._cpu[0]) / len(stages)
+        out["loop_cpu_ms"] = cpu
+        return out
+
+    def _hand_offs(self, stages: list) -> dict:
+        """The token's turn through the devices: from a stage's hand-offs to the last
+        hand-in the next stage took (``hand_off_ms``), from there to that stage's submit
+        (``after_hand_in_ms``), and from one hand-out to the next (``token_ms``)."""
+        outs, ins = sorted(self.hand_outs), sorted(self.hand_ins)
+        submits = [c[1] for c in stages]
+        cols: dict[str, list[float]] = {"hand_off_ms": [], "after_hand_in_ms": [], "token_ms": []}
+        for a, b in zip(outs, outs[1:]):
+            cols["token_ms"].append(b - a)
+        for a in outs:
+            j = bisect.bisect_left(ins, a)
+            if j == len(ins):
+                continue
+            k = bisect.bisect_left(submits, ins[j])       # the first stage submitted after a hand-in
+            if k == len(submits):
+                continue
+            last = ins[bisect.bisect_left(ins, submits[k]) - 1]
+            cols["hand_off_ms"].append(last - a)
+            cols["after_hand_in_ms"].append(submits[k] - last)
+        out = {"hand_outs": len(outs)}
         out.update({k: 1e3 * statistics.median(v) if v else None for k, v in cols.items()})
         return out
