@@ -1,8 +1,9 @@
 """``privatelora bench throughput``: limit vs ours vs paper-style, measured in one run.
 
-One backbone replica (pinned to the first core when the machine has two or more, so that
-device work never steals the cloud's CPU) and N edge actors (pinned to the other cores)
-over the TCP transport. For each user count B, in this order, on the same warm replica:
+One backbone replica (pinned, stage thread and event loop, to the first core when the
+machine has two or more, so that device work never steals the cloud's CPU; its event loop
+gets the second core when there are three or more: ``actors.pool.split_cores``) and N edge
+actors (pinned to the remaining cores) over the TCP transport. For each user count B, in this order, on the same warm replica:
 
 1. limit: our batched eager forward (``BackboneReplica.limit``): B sequences through the
    cloud's decoder layers in one plain batched forward on the replica's own worker thread
