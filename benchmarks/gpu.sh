@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bench throughput on a GPU machine, in one go (under 8 minutes on one recent GPU):
-#   bench geometry (16 layers), loopback and an emulated 5G round trip;
+#   bench geometry (16 layers), loopback (one edge actor per user, and all users on one
+#   edge host) and an emulated 5G round trip;
 #   7B-shaped geometry (Llama-2-7B's widths, 8 layers), loopback and 5G;
-# each with the backbone replica on one GPU (--gpus-per-replica 1), medians of --repeat runs.
+# each with the backbone replica on one GPU (--gpus-per-replica 1), medians of --repeat runs,
+# and the replica's stage-loop timeline of every run of ours (--trace).
 # Writes one JSON per run and index.json (what ran, how long, where) to
 # benchmarks/results/gpu/ (or --out DIR, or $PRIVATELORA_GPU_OUT) and prints the index.
 #
@@ -17,18 +19,19 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --out) OUT=${2:?--out needs a directory}; shift ;;
-        -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,12p "$0"; exit 0 ;;
         *) echo "gpu.sh: error: unknown argument $1 (--dry-run, --out DIR)" >&2; exit 2 ;;
     esac
     shift
 done
 [ -x .venv/bin/privatelora ] || ./dev setup
 PY=.venv/bin/python
-BENCH=(.venv/bin/privatelora bench throughput --json)
+BENCH=(.venv/bin/privatelora bench throughput --json --trace)
 
 # name | arguments (every GPU run: --gpus-per-replica 1)
 RUNS=(
     "bench-loopback|--geometry bench --link loopback --users 1,2,4,8,16 --new-tokens 32 --repeat 3"
+    "bench-loopback-host|--geometry bench --link loopback --users 1,16 --edge-hosts 1 --new-tokens 32 --repeat 3 --no-hf"
     "bench-5g|--geometry bench --link 5g --users 1,16 --new-tokens 16 --repeat 3 --no-hf"
     "7b-loopback|--geometry 7b --layers 8 --link loopback --users 1,4,16 --new-tokens 16 --repeat 3"
     "7b-5g|--geometry 7b --layers 8 --link 5g --users 1,16 --new-tokens 16 --repeat 2 --no-hf"

@@ -233,11 +233,13 @@ def test_gpu_script_dry_run_prints_its_commands_and_runs_a_cpu_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     commands = [x for x in lines if x.startswith("would run: ")]
-    assert len(commands) == 4 and all("--gpus-per-replica 1" in c for c in commands)
+    assert len(commands) == 5 and all("--gpus-per-replica 1" in c and "--trace" in c for c in commands)
     assert any("--geometry 7b" in c for c in commands) and any("--link 5g" in c for c in commands)
+    assert any("--edge-hosts 1" in c for c in commands)
     index = json.loads(lines[-1])
     assert index["dry_run"] and index["runs"]["smoke-tiny-cpu"]["status"] == "ok"
     assert json.loads((tmp_path / "index.json").read_text()) == index
     smoke = json.loads((tmp_path / "smoke-tiny-cpu.json").read_text())
     assert smoke["geometry"] == "tiny" and smoke["device"] == "cpu" and smoke["repeat"] == 1
     assert [r["users"] for r in smoke["results"]] == [1, 2]
+    assert all(len(r["ours_timeline"]) == 1 for r in smoke["results"])      # --trace
