@@ -44,10 +44,10 @@ def split_cores(ncpu: int, replica_cpus: float = 1) -> tuple[list[int] | None, l
 
     The replica never shares a core with the devices: when a device process preempts the
     event loop's thread while that thread holds the GIL, the stage thread waits on the GIL
-    until the device yields the core (measured: ~1 ms per stage boundary, a fifth of a
-    16-user decode cycle). So the event loop gets a core of its own when there are at least
-    two beyond the stages', and otherwise shares the stages' cores. With one core in all
-    nothing is pinned: ``(None, None, None)``."""
+    until the device yields the core (measured: ~1.2 ms at every stage boundary of an
+    11 ms 16-user decode cycle). So the event loop gets a core of its own when there are at
+    least two beyond the stages', and otherwise shares the stages' cores. With no core to
+    spare for the devices nothing is pinned: ``(None, None, None)``."""
     split = max(1, int(replica_cpus))
     if ncpu <= split:
         return None, None, None

@@ -3,7 +3,8 @@
 One backbone replica (pinned, stage thread and event loop, to the first core when the
 machine has two or more, so that device work never steals the cloud's CPU; its event loop
 gets the second core when there are three or more: ``actors.pool.split_cores``) and N edge
-actors (pinned to the remaining cores) over the TCP transport. For each user count B, in this order, on the same warm replica:
+actors (pinned to the remaining cores) over the TCP transport. For each user count B, in
+this order, on the same warm replica:
 
 1. limit: our batched eager forward (``BackboneReplica.limit``): B sequences through the
    cloud's decoder layers in one plain batched forward on the replica's own worker thread
@@ -153,7 +154,8 @@ def run(geometry: str = "bench", users=(1, 2, 4, 8, 16), link: str = "loopback",
     try:
         info = pool.infos[0]
         say(f"backbone replica up ({len(info['layers'])} cloud layers on {info['device']}, cores "
-            f"{pool.cloud_cores or 'all'}, its event loop on {pool.io_cores or 'all'}); starting {users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
+            f"{pool.cloud_cores or 'all'}, its event loop on {pool.io_cores or 'all'}); starting "
+            f"{users[-1]} users' devices (cores {pool.edge_cores or 'all'})")
         devices = _Devices(pool, users[-1], edge_hosts, dtype, say)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, mc.vocab_size, (prompt_tokens,), generator=g).tolist() for _ in range(users[-1])]
