@@ -20,6 +20,7 @@ from privatelora.transport.streams import CLOSED, READ_LIMIT, Redirected, Remote
 from privatelora.transport.tls import TLSRequiredError, client_ssl_context, is_loopback
 
 log = logging.getLogger(__name__)
+KIND_AT = wire.PREFIX.size + 1      # a frame's kind byte: after the length prefix and the version
 
 
 class Session:
@@ -268,7 +269,7 @@ class Client:
         return sess.geometry if sess else None
 
     def _on_frame(self, frame: bytes) -> None:
-        if len(frame) > 5 and frame[5] == wire.BUNDLE_CODE:      # the kind byte: a bundle
+        if len(frame) > KIND_AT and frame[KIND_AT] == wire.BUNDLE_CODE:      # a bundle
             self._on_bundle(frame)
             return
         try:
