@@ -50,7 +50,7 @@ class _Both:
             got = paged_attend(lw, self.pool, plan, q, k, v, cos, sin)
             want = attend(lw, q, k, v, segs, [self.ref.setdefault((sid, lw.index), KVCache()) for sid in sids],
                           cos, sin)
-            worst = max(worst, (got - want).abs().max().item())
+            worst = max(worst, (got - want).abs().nan_to_num(nan=float("inf")).max().item())   # NaN fails
         for sid, start, n in batch:
             self.pool.advance(sid, start + n)
             self.pool.evict(sid, start + n)
@@ -233,3 +233,82 @@ def test_a_burst_over_tcp_beyond_the_byte_budget_gets_busy_and_the_replica_serve
     assert all(g.tokens == alone[u] for u, g in served)
     assert after["kv"]["used"] == 0 and after["kv"]["free"] == 6 and after["errors"].get("busy") == len(busy)
     assert late.error is None and late.tokens == alone[5]
+
+
+def test_decode_mirrors_are_reused_dropped_when_stale_and_stay_equal_to_the_reference(monkeypatch):
+    from privatelora.model import kvpool
+    monkeypatch.setattr(kvpool, "MIRROR_SLACK", 3)           # a mirror holds 3 more steps: rebuilt often
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):                              # uninitialised memory at its worst
+        return empty(*shape, **kw).fill_(float("nan"))
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    both = _Both([_layer(0), _layer(1, window=5)], block_size=4, budget_blocks=400)
+    pool = both.pool
+    lens = {1: 4, 2: 5, 3: 6}
+    both.step([(s, 0, n) for s, n in lens.items()])           # prefills build none
+    assert pool.mirror_bytes == 0 and pool.mirror_builds == 0
+
+    def decode(*sids):
+        err, plan = both.step([(s, lens[s], 1) for s in sids])
+        for s in sids:
+            lens[s] += 1
+        assert err < TOL and not plan.flat
+        assert pool.allocated_bytes <= pool.budget_bytes
+
+    decode(1, 2, 3)
+    assert pool.mirror_builds == 2 and pool.mirror_hits == 0  # one per layer
+    assert pool.gauges()["mirror_bytes"] == pool.mirror_bytes > 0
+    assert pool.allocated_bytes == pool.mirror_bytes + sum(t.numel() * 4 for d in (pool.k, pool.v)
+                                                           for t in d.values())
+    for _ in range(7):                                         # past the slack: gathered again
+        decode(1, 2, 3)
+    assert pool.mirror_hits >= 10 and pool.mirror_builds >= 4
+    for _ in range(3):                                         # two cohorts in turn keep a mirror each
+        decode(1, 2)
+        decode(3)
+    hits = pool.mirror_hits
+    decode(1, 2)
+    assert pool.mirror_hits == hits + 2
+    # a rewind drops the mirrors that hold the session; the next steps stay exact
+    lens[2] -= 3
+    err, _ = both.step([(2, lens[2], 1), (1, lens[1], 1)])
+    assert err < TOL
+    lens[2] += 1
+    lens[1] += 1
+    assert all(2 not in key[1] or key[1] == (2, 1) for key in pool._mirrors)
+    decode(2, 1)
+    decode(2, 1)
+    # a session ends and its id comes back as a new sequence
+    pool.free(3)
+    assert all(3 not in key[1] for key in pool._mirrors)
+    for lw in both.layers:
+        both.ref.pop((3, lw.index))
+    lens[3] = 0
+    both.step([(3, 0, 2)])
+    lens[3] = 2
+    decode(1, 2, 3)
+    decode(1, 2, 3)
+
+
+def test_mirrors_only_use_room_the_blocks_do_not_need():
+    lw = _layer(0)
+    per_block = 2 * 4 * lw.n_kv * lw.head_dim * 4
+    mirror = 2 * 2 * (8 + 64) * lw.n_kv * lw.head_dim * 4     # two sessions at 8 positions
+    # the budget: 16 blocks of storage and one mirror
+    both = _Both([lw], block_size=4, budget_blocks=16 + -(-mirror // per_block))
+    both.step([(1, 0, 7), (2, 0, 7)])
+    err, _ = both.step([(1, 7, 1), (2, 7, 1)])
+    assert err < TOL and both.pool.mirror_bytes == mirror
+    # sessions need more blocks than the storage holds: it grows, and the mirror goes first
+    both.step([(3, 0, 4 * 14)])
+    assert both.pool.mirror_bytes == 0 and both.pool.allocated_bytes <= both.pool.budget_bytes
+    err, _ = both.step([(1, 8, 1), (2, 8, 1)])               # gathered again, still exact
+    assert err < TOL
+    # a budget with no room beside the blocks builds none
+    tight = _Both([lw], block_size=4, budget_blocks=16)
+    tight.step([(1, 0, 7), (2, 0, 7)])
+    for n in range(7, 12):
+        err, _ = tight.step([(1, n, 1), (2, n, 1)])
+        assert err < TOL
+    assert tight.pool.mirror_builds == 0

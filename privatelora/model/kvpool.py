@@ -31,9 +31,22 @@ keys: decode steps) and *flat* (all ``T`` queries against all gathered keys with
 block-diagonal mask: one long prefill beside short decodes). ``block.attend`` with one
 ``KVCache`` per session is the pure-torch reference it is tested against.
 
+**Decode mirrors.** On a CPU the gather is the attention's largest cost: a decode step of
+16 sessions at 48 positions copies 6 MB per layer that the plain forward only reads. A
+cohort that goes on decoding one row per session per step gathers its keys and values
+once per layer into a *mirror* (``[B, Smax + MIRROR_SLACK, n_kv, head_dim]``, the padded
+layout the attention reads); the steps after it write only their new rows there (and
+into the pool, which stays the source of truth). A mirror is read only while its cohort
+(the same sessions, in order) starts exactly where it left off; a session's truncation
+or end drops every mirror holding it, a flat step drops its layer's, and it is gathered
+again when its slack runs out. Mirrors live in the byte budget's room beside the
+storage: storage growth drops them first, so ``allocated_bytes`` (storage plus
+``mirror_bytes``) never passes the budget; on a GPU, whose storage takes the whole
+budget, there are none.
+
 Gauges: ``blocks`` (allocated), ``used``, ``free`` and ``capacity`` (the budget);
-``allocated_bytes`` is the bytes of the storage tensors themselves, ``used_bytes`` the
-share of it held by sessions.
+``allocated_bytes`` is the bytes of the storage tensors themselves and of the mirrors
+(``mirror_bytes``), ``used_bytes`` the share of the storage held by sessions.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ import torch.nn.functional as F
 from privatelora.model.block import Segment, apply_rope
 
 BLOCK_SIZE = 16
+MIRROR_SLACK = 64       # decode steps a mirror takes before it is gathered again
+MAX_MIRRORS = 256       # (layer, cohort) mirrors kept at most, least recently used dropped
 INITIAL_BLOCKS = 16     # storage allocated up front; it doubles as sessions need more, up to the budget
 CPU_SHARE = 0.25        # default budget on a CPU: this share of the machine's memory
 GPU_SHARE = 0.90        # ... on a GPU: this share of what is free once the weights are loaded
@@ -84,6 +99,24 @@ class _Group:
     tables: dict = field(default_factory=dict)   # session -> _Table
 
 
+@dataclass
+class _Mirror:
+    """One layer's keys and values of a decode cohort (its sessions, in order), laid out
+    ``[B, cap, n_kv, head_dim]`` as the attention reads them: built by one gather, then
+    each step only writes its new rows. Valid while the cohort's positions go on exactly
+    as recorded (``lens``); a session's truncation or end drops every mirror holding it.
+    Rows up to ``width`` hold values or zeros; the rest is untouched memory (its pages are
+    only taken as steps reach them), zeroed as the cohort's longest row passes it."""
+    lens: list
+    width: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
 class KVPool:
     def __init__(self, layers: dict, *, n_kv: int, head_dim: int, budget_bytes: int, dtype=torch.float32,
                  device="cpu", block_size: int = BLOCK_SIZE):
@@ -99,6 +132,10 @@ class KVPool:
             raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block: one block of {block_size} "
                              f"positions in {len(layers)} layers takes {self.block_bytes} bytes")
         self.allocated = 0            # blocks the storage holds now (block 0 included); grows up to capacity
+        self._mirrors: dict[tuple, _Mirror] = {}  # (layer, cohort) -> its keys/values, gathered once
+        self._mirror_keys: dict[int, set] = {}    # session -> the mirrors that hold it
+        self.mirror_hits = self.mirror_builds = 0  # steps a layer read a mirror; mirrors gathered
+        self.budget_bytes = self.capacity * self.block_bytes
         self.k = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
         self.v = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
         # a GPU takes its budget up front (a doubling there could fail for the copy's peak); a
@@ -117,6 +154,8 @@ class KVPool:
         hold at their peak rather than the budget: memory is only taken when needed."""
         if blocks <= self.allocated:
             return
+        while self._mirrors and (blocks * self.block_bytes + self.mirror_bytes) > self.budget_bytes:
+            self._forget(next(iter(self._mirrors)))  # mirrors only ever use what blocks do not need
         slots = blocks * self.block_size
         for d in (self.k, self.v):
             for i, old in d.items():
@@ -138,11 +177,79 @@ class KVPool:
             self._scratch[name] = buf
         return buf[:rows]
 
+    # ---- decode mirrors ---------------------------------------------------------------
+    def mirror_for(self, layer: int, plan: "Plan") -> _Mirror | None:
+        """``layer``'s mirror of ``plan``'s cohort if it holds exactly what the cohort had
+        before this step (most recently used last), its rows up to ``plan.smax`` readable."""
+        m = self._mirrors.pop((layer, plan.sids), None)
+        if m is None:
+            return None
+        if m.lens != plan.starts or plan.smax > m.k.shape[1]:
+            self._forget((layer, plan.sids))    # what it holds is not this cohort's any more
+            return None
+        self._mirrors[(layer, plan.sids)] = m
+        self.mirror_hits += 1
+        if plan.smax > m.width:          # rows this step exposes: zeros past each session's length
+            m.k[:, m.width:plan.smax].zero_()
+            m.v[:, m.width:plan.smax].zero_()
+            m.width = plan.smax
+        return m
+
+    def _forget(self, key: tuple) -> None:
+        self._mirrors.pop(key, None)
+        for sid in key[1]:
+            keys = self._mirror_keys.get(sid)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._mirror_keys[sid]
+
+    def _forget_session(self, session: int) -> None:
+        """Its positions were cut or freed: no mirror that holds them stays."""
+        for key in list(self._mirror_keys.get(session, ())):
+            self._forget(key)
+
+    def remember(self, layer: int, plan: "Plan", kk: torch.Tensor, vv: torch.Tensor) -> None:
+        """Keep a decode cohort's gathered ``[B, smax, n_kv, head_dim]`` keys and values as
+        ``layer``'s mirror of it, with room for ``MIRROR_SLACK`` more steps, if the budget
+        has that room beside the storage (storage growth drops mirrors first; the least
+        recently used go when the room or ``MAX_MIRRORS`` runs out). Only a step of single
+        rows builds one: a speculative chain's rewinds would leave it stale at once."""
+        if any(n != 1 for n in plan.ns):
+            return
+        B, smax = kk.shape[0], kk.shape[1]
+        need = 2 * B * (smax + MIRROR_SLACK) * self.n_kv * self.head_dim * kk.element_size()
+        while self._mirrors and (len(self._mirrors) >= MAX_MIRRORS or
+                                 self.allocated * self.block_bytes + self.mirror_bytes + need > self.budget_bytes):
+            self._forget(next(iter(self._mirrors)))
+        if self.allocated * self.block_bytes + need > self.budget_bytes:
+            return
+        shape = (B, smax + MIRROR_SLACK, self.n_kv, self.head_dim)
+        k = torch.empty(shape, dtype=kk.dtype, device=kk.device)
+        v = torch.empty(shape, dtype=kk.dtype, device=kk.device)
+        k[:, :smax] = kk                 # padding rows: the zero block's zeros
+        v[:, :smax] = vv
+        key = (layer, plan.sids)
+        self._mirrors[key] = _Mirror(plan.lengths, smax, k, v)
+        self.mirror_builds += 1
+        for sid in plan.sids:
+            self._mirror_keys.setdefault(sid, set()).add(key)
+
+    def drop_mirrors(self, layer: int) -> None:
+        """``layer``'s mirrors are stale (a step wrote its rows without them)."""
+        for key in [key for key in self._mirrors if key[0] == layer]:
+            self._forget(key)
+
     # ---- gauges -----------------------------------------------------------------------
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of the storage tensors themselves (the zero block included)."""
-        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+        """Bytes the pool holds: the storage tensors themselves (the zero block included) and
+        the decode mirrors (``mirror_bytes``)."""
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values()) + self.mirror_bytes
+
+    @property
+    def mirror_bytes(self) -> int:
+        return sum(m.bytes for m in list(self._mirrors.values()))
 
     @property
     def used_bytes(self) -> int:
@@ -160,7 +267,7 @@ class KVPool:
         allocated = self.allocated
         return {"blocks": allocated, "used": used, "free": max(0, allocated - 1 - used), "capacity": self.capacity,
                 "block_size": self.block_size, "allocated_bytes": self.allocated_bytes,
-                "used_bytes": self.used_bytes}
+                "used_bytes": self.used_bytes, "mirror_bytes": self.mirror_bytes}
 
     # ---- tables -----------------------------------------------------------------------
     def length(self, session: int) -> int:
@@ -212,6 +319,8 @@ class KVPool:
             t = g.tables.get(session)
             if t is None:
                 continue
+            if length < t.length:
+                self._forget_session(session)
             t.length = min(t.length, max(0, length))
             keep = -(-t.length // bs)
             while len(t.blocks) > keep:
@@ -234,6 +343,7 @@ class KVPool:
             t.first_kept = max(t.first_kept, dead * bs)
 
     def free(self, session: int) -> None:
+        self._forget_session(session)
         for g in self.groups.values():
             t = g.tables.pop(session, None)
             if t is not None:
@@ -271,8 +381,12 @@ class Plan:
                 gather = torch.tensor([r + [0] * (smax - len(r)) for r in read])
                 mask = self._padded_mask(segments, nmax, smax, w)
             self.groups[w] = (torch.tensor(write, device=dev), gather.to(dev), None if mask is None else mask.to(dev))
+        self.sids, self.ns, self.starts, self.lengths = tuple(sessions), ns, [s.start for s in segments], lengths
         if not self.flat:
             self.nmax, self.smax = nmax, smax
+            # this step's rows in the padded [B, Smax] layout: where a mirror takes them
+            self.new_at = (torch.tensor([b for b, n in enumerate(ns) for _ in range(n)], device=dev),
+                           torch.tensor([s.start + j for s in segments for j in range(s.n)], device=dev))
             # where each flat query row goes in the padded [B, nmax] layout (None: no padding)
             rows = [b * nmax + j for b, n in enumerate(ns) for j in range(n)]
             self.q_rows = None if nmax == 1 or all(n == nmax for n in ns) else torch.tensor(rows, device=dev)
@@ -315,17 +429,28 @@ def paged_attend(lw, pool: KVPool, plan: Plan, q: torch.Tensor, k: torch.Tensor,
     ks.index_copy_(0, write, k.to(ks.dtype))
     vs.index_copy_(0, write, v.view(T, KV, hd).to(vs.dtype))
     gqa = H != KV
-    n = gather.numel()
-    kk = torch.index_select(ks, 0, gather.view(-1), out=pool.scratch("k", n))
-    vv = torch.index_select(vs, 0, gather.view(-1), out=pool.scratch("v", n))
     if plan.flat:
+        pool.drop_mirrors(lw.index)         # this step's rows reach no mirror: they would be stale
+        n = gather.numel()
+        kk = torch.index_select(ks, 0, gather.view(-1), out=pool.scratch("k", n))
+        vv = torch.index_select(vs, 0, gather.view(-1), out=pool.scratch("v", n))
         kk, vv = kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]    # [1, KV, S, hd]
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, attn_mask=mask,
                                            scale=hd ** -0.5, enable_gqa=gqa)
         return o[0].transpose(0, 1).reshape(T, H * hd)
     B, nmax, smax = gather.shape[0], plan.nmax, plan.smax
-    kk = kk.view(B, smax, KV, hd).transpose(1, 2)
-    vv = vv.view(B, smax, KV, hd).transpose(1, 2)
+    mirror = pool.mirror_for(lw.index, plan)
+    if mirror is not None:                  # the cohort goes on: only this step's rows are new
+        mirror.k.index_put_(plan.new_at, k.to(ks.dtype))
+        mirror.v.index_put_(plan.new_at, v.view(T, KV, hd).to(vs.dtype))
+        mirror.lens = plan.lengths
+        kk, vv = mirror.k[:, :smax], mirror.v[:, :smax]
+    else:
+        n = gather.numel()
+        kk = torch.index_select(ks, 0, gather.view(-1), out=pool.scratch("k", n)).view(B, smax, KV, hd)
+        vv = torch.index_select(vs, 0, gather.view(-1), out=pool.scratch("v", n)).view(B, smax, KV, hd)
+        pool.remember(lw.index, plan, kk, vv)
+    kk, vv = kk.transpose(1, 2), vv.transpose(1, 2)
     if plan.q_rows is None:
         qq = q.view(B, nmax, H, hd)
     else:

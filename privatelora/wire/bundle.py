@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from privatelora.runtime.messages import Activations, Reply
-from privatelora.wire.errors import AuthError, FrameError, GeometryError, WireError
+from privatelora.wire.errors import AuthError, FrameError, GeometryError, SchemaError, WireError
 from privatelora.wire.frames import (BUNDLE_CODE, CONNECTION_KEY, DEFAULT_MAX_FRAME, FLAG_DOWN, FLAG_LZ4, HEADER, PREFIX,
                                      RAW_OF, TAG_LEN, VERSION, FrameInfo, guarded, mac_tag, record_raw, split_frame,
                                      verify_mac)
 from privatelora.wire.kinds import Kind, check_layer_in, check_layer_out, register
 from privatelora.wire.schema import DOWN, DTYPES, UP, FrameContext
-from privatelora.wire.tensors import CODE_DTYPES, pack_group, unpack_tensor
+from privatelora.wire.tensors import CODE_DTYPES, check_record, pack_group, unpack_block, unpack_tensor
 
 
 @dataclass(frozen=True)
@@ -170,19 +170,47 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
     verify_mac(view, CONNECTION_KEY)
     entries = _table(view)
     code, name, cls, field = _ENTRY_KINDS[direction]
-    out = []
+    out: list = [None] * len(entries)
+    ready = []                          # (i, layer, dtype name): checked, tensors still to read
     for i, (fields, e, at, size, data) in enumerate(entries):
-        share = ENTRY_LEN + size + (FIXED if i == 0 else 0)
         try:
-            msg, raw = _entry(view, fields, e, at, size, data, hdr.flags, code, cls, field, key_for, geometry_for)
+            ready.append((i, _check_entry(view, fields, e, at, size, hdr.flags, code, field, key_for, geometry_for)))
         except WireError as err:
-            out.append((fields[0], err, FrameInfo("refused", 0, share, False)))
+            out[i] = (fields[0], err, FrameInfo("refused", 0, _share(i, size), False))
+    # runs of consecutive entries of one dtype and shape: their payloads lie back to back, so
+    # one conversion and one finite check reads them all (int8, with its row scales, alone)
+    k = 0
+    while k < len(ready):
+        i, dname = ready[k]
+        fields, _, at, size, data = entries[i]
+        shape = fields[2:4] + fields[6:8]
+        j = k + 1
+        while dname != "int8" and j < len(ready) and ready[j][0] == i + j - k \
+                and entries[ready[j][0]][0][2:4] + entries[ready[j][0]][0][6:8] == shape:
+            j += 1
+        if dname == "int8":
+            got = [_entry_tensors(view, fields, at, size, data, field)]
         else:
-            out.append((fields[0], msg, FrameInfo(name, raw, share, False)))
+            got = unpack_block(view, at, j - k, fields[3], fields[6], fields[7], dname)
+        for (i, _), ts in zip(ready[k:j], got):
+            fields, _, _, size, data = entries[i]
+            if isinstance(ts, WireError) or ts is None:
+                err = ts if ts is not None else SchemaError("non_finite", f"{field} holds NaN or inf")
+                out[i] = (fields[0], err, FrameInfo("refused", 0, _share(i, size), False))
+            else:
+                out[i] = (fields[0], cls(fields[0], fields[5], ts), FrameInfo(name, data, _share(i, size), False))
+        k = j
     return out
 
 
-def _entry(view, fields, e, at, size, data, flags, code, cls, field, key_for, geometry_for):
+def _share(i: int, size: int) -> int:
+    """Entry ``i``'s share of the bundle's bytes (the bundle's own, on the first entry)."""
+    return ENTRY_LEN + size + (FIXED if i == 0 else 0)
+
+
+def _check_entry(view, fields, e, at, size, flags, code, field, key_for, geometry_for) -> str:
+    """Everything about one entry but its values: kind, session and key, its tag, the
+    session's geometry (layer, dtype, count, shape). Returns the dtype's name."""
     session, kind, dcode, count, reserved, layer, rows, cols = fields
     if kind != code or reserved or not session:
         raise FrameError("bad_direction" if kind != code else "bad_header",
@@ -190,19 +218,27 @@ def _entry(view, fields, e, at, size, data, flags, code, cls, field, key_for, ge
     key = key_for(session)
     if key is None:
         raise AuthError("unknown_session", f"no key for session {session}")
-    payload = view[at:at + size]
-    fixed = bytes(view[e:e + ENTRY.size])
-    mac = _entry_mac(key, flags, fixed, payload)
+    mac = _entry_mac(key, flags, bytes(view[e:e + ENTRY.size]), view[at:at + size])
     if not hmac.compare_digest(mac, bytes(view[e + ENTRY.size:e + ENTRY_LEN])):
         raise AuthError("bad_mac", "bundle entry authentication failed")
     g = geometry_for(session)
     if g is None:
         raise GeometryError("no_geometry", "tensor frames need the session's declared geometry")
     check_layer_in(g, layer)
-    rec = [dcode, count, rows, cols, bytes(payload[:data])] + ([bytes(payload[data:])] if size > data else [])
-    ctx = FrameContext(UP if cls is Reply else DOWN, g)
-    ts = unpack_tensor(ctx, rec, _count(g, ctx.direction), g.rank, g.max_tokens, field, g.dtype)
-    return cls(session, layer, ts), ctx.raw
+    dname = CODE_DTYPES[dcode]
+    check_record(dname, count, rows, cols, _count(g, UP if code == 5 else DOWN), g.rank, g.max_tokens, field,
+                 g.dtype)
+    return dname
+
+
+def _entry_tensors(view, fields, at, size, data, field):
+    """One entry's tensors read alone (int8: values and row scales), or its ``WireError``."""
+    rec = [fields[2], fields[3], fields[6], fields[7], bytes(view[at:at + data])] \
+        + ([bytes(view[at + data:at + size])] if size > data else [])
+    try:
+        return unpack_tensor(FrameContext(DOWN, None), rec, fields[3], fields[7], fields[6], field, None)
+    except WireError as err:
+        return err
 
 
 def bundle_records(buf, max_frame: int = DEFAULT_MAX_FRAME) -> list:

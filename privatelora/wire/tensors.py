@@ -81,6 +81,26 @@ def pack_tensor(ctx: FrameContext, x: np.ndarray, what: str) -> list:
     return [code, count, rows, cols, w.tobytes()]
 
 
+def check_record(name: str, got_count, rows, got_cols, count: int, cols: int, max_rows: int, what: str,
+                 want: str | None) -> None:
+    """A record's dtype ``name`` (decoded), count, rows and cols against what the session
+    declared (``want``: its dtype, None: any); ``GeometryError`` where they differ."""
+    if want is not None and name != want:
+        raise GeometryError("bad_dtype", f"{what} is {name}, the session declared {want}")
+    if type(got_count) is not int or got_count != count:
+        raise GeometryError("bad_count", f"{what} must be {count} tensors")
+    if type(rows) is not int or not 1 <= rows <= max_rows or type(got_cols) is not int or got_cols != cols:
+        raise GeometryError("bad_shape", f"{what} must be [1..{max_rows}, {cols}]")
+
+
+def _to_float32(w: np.ndarray, name: str) -> np.ndarray:
+    """Wire values (fp32, fp16, bf16 bits) -> a new float32 array: writable, native order,
+    detached from the frame."""
+    if name == "bf16":
+        return (w.astype(np.uint32) << 16).view(np.float32)  # bf16 = the top half of an fp32
+    return w.astype(np.float32)
+
+
 def unpack_tensor(ctx: FrameContext, v: Any, count: int, cols: int, max_rows: int, what: str,
                    want: str | None) -> tuple[torch.Tensor, ...]:
     """[code, count, rows, cols, data(, scales)] -> ``count`` float32 [rows, cols] tensors;
@@ -92,18 +112,13 @@ def unpack_tensor(ctx: FrameContext, v: Any, count: int, cols: int, max_rows: in
         raise GeometryError("bad_dtype", f"{what} is {name}, the session declared {want}")
     if len(v) != (6 if name == "int8" else 5):
         raise SchemaError("bad_tensor", f"{what}: int8 tensors (only) carry row scales")
-    if type(v[1]) is not int or v[1] != count:
-        raise GeometryError("bad_count", f"{what} must be {count} tensors")
+    check_record(name, v[1], v[2], v[3], count, cols, max_rows, what, None)
     rows, size = v[2], DTYPES[name]
-    if type(rows) is not int or not 1 <= rows <= max_rows or type(v[3]) is not int or v[3] != cols:
-        raise GeometryError("bad_shape", f"{what} must be [1..{max_rows}, {cols}]")
     data = v[4]
     if type(data) is not bytes or len(data) != count * rows * cols * size:
         raise SchemaError("bad_tensor", f"{what} payload length is not {count}x{rows}x{cols} {name}")
     w = np.frombuffer(data, dtype=_NP_WIRE[name]).reshape(count, rows, cols)
-    if name == "bf16":
-        x = (w.astype(np.uint32) << 16).view(np.float32)  # bf16 = the top half of an fp32
-    elif name == "int8":
+    if name == "int8":
         scale = np.frombuffer(v[5], dtype="<f4") if type(v[5]) is bytes and len(v[5]) % 4 == 0 else None
         if scale is None or scale.size != count * rows:
             raise SchemaError("bad_tensor", f"{what} needs {count * rows} fp32 scales")
@@ -112,11 +127,24 @@ def unpack_tensor(ctx: FrameContext, v: Any, count: int, cols: int, max_rows: in
         with np.errstate(over="ignore"):  # overflow to inf is refused just below
             x = w.astype(np.float32) * scale.astype(np.float32).reshape(count, rows, 1)
     else:
-        x = w.astype(np.float32)  # a copy: writable, native order, detached from the frame
+        x = _to_float32(w, name)
     if not np.isfinite(x).all():
         raise SchemaError("non_finite", f"{what} holds NaN or inf")
     ctx.raw += count * rows * cols * size
     return tuple(map(torch.from_numpy, x))  # one tensor each, no parent tensor (~1 us a frame)
+
+
+def unpack_block(buf, offset: int, n: int, count: int, rows: int, cols: int, name: str) -> list:
+    """``n`` records of one shape and dtype (not int8), their data back to back in ``buf``
+    from ``offset`` (a bundle's payloads), converted at once: per record its ``count``
+    float32 [rows, cols] tensors, or None where it holds NaN or inf. The tensors are views
+    of one new array (not of the frame); shapes are the caller's to have checked
+    (``check_record``)."""
+    w = np.frombuffer(buf, dtype=_NP_WIRE[name], count=n * count * rows * cols, offset=offset)
+    x = _to_float32(w, name).reshape(n * count, rows, cols)
+    ok = np.isfinite(x.reshape(n, -1)).all(axis=1).tolist()
+    ts = torch.from_numpy(x).unbind(0)
+    return [ts[i * count:(i + 1) * count] if ok[i] else None for i in range(n)]
 
 
 def pack_group(ctx, ts, count, cols, max_rows, what, shareable: bool = False) -> list:
