@@ -165,6 +165,34 @@ def test_any_bytes_raise_only_wire_errors():
                         t.shape[1] == G.rank and torch.isfinite(t).all() for t in m.m))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_non_finite_entry_inside_a_run_of_one_shape_is_refused_alone(dtype):
+    """Entries of one dtype and shape are read in one conversion: a NaN in one of them
+    (signed by its own key, as a device could send) refuses that entry only."""
+    from privatelora.wire.bundle import _entry_mac
+    g, ks = with_dtype(dtype), keys(5)
+    ms = msgs(Reply, 5, g=g)
+    frame, _ = wire.encode_bundle([(m, ks[m.session], g) for m in ms], direction="up")
+    table = 4 + wire.HEADER.size + 4
+    size = len(bundle_records(frame)[0][2][4])
+    at = table + 5 * wire.BUNDLE_ENTRY_LEN + 2 * size               # entry 2's payload
+    forged = bytearray(frame)
+    nan = b"\xc0\x7f" if dtype == "bf16" else struct.pack("<f", float("nan"))
+    forged[at + 4:at + 4 + len(nan)] = nan                          # one value of entry 2
+    fixed = bytes(forged[table + 2 * wire.BUNDLE_ENTRY_LEN:table + 2 * wire.BUNDLE_ENTRY_LEN + ENTRY.size])
+    tag = _entry_mac(ks[3], 0, fixed, bytes(forged[at:at + size]))
+    forged[table + 2 * wire.BUNDLE_ENTRY_LEN + ENTRY.size:table + 3 * wire.BUNDLE_ENTRY_LEN] = tag
+    got = wire.decode_bundle(resign(bytes(forged)), direction="up", key_for=ks.get, geometry_for=lambda s: g)
+    assert [getattr(m, "code", "ok") for _, m, _ in got] == ["ok", "ok", "non_finite", "ok", "ok"]
+    assert got[2][2].kind == "refused"
+    for (s, m, info), sent in zip(got, ms):
+        if s == 3:
+            continue
+        alone = wire.encode(sent, key=ks[s], direction="up", geometry=g)
+        want, want_info = wire.decode_frame(alone, direction="up", key_for=ks.get, geometry_for=lambda s: g)
+        assert all(torch.equal(a, b) for a, b in zip(m.m, want.m)) and info.raw_bytes == want_info.raw_bytes
+
+
 def test_audits_read_bundles_entry_by_entry():
     from placement.checks import audit_frames
     ks = keys(3)
