@@ -124,6 +124,7 @@ class CloudPart:
         self.layers = {i: LayerWeights.from_hf(model.model.layers[i], model.config, i) for i in self.layer_ids}
         self.next_layer = dict(zip(self.layer_ids, self.layer_ids[1:]))
         self.proj = PublicProjections(model.config, cfg, self.exchange_ids, device=model.device, weights=hf_weights(model))
+        self._a_t, self._b_t = _transposed(self.proj, cfg.rank)
         self.rotary = model.model.rotary_emb
         self.hidden = model.config.hidden_size
         self.max_positions = model.config.max_position_embeddings
@@ -380,7 +381,7 @@ class CloudPart:
         qkv = dict(f.base) if f.base is not None else {t: lw.base(t, h) for t in ("q", "k", "v")}
         for i, t in enumerate(self.cfg.targets):
             m = torch.cat([m_of[sid][i] for sid in f.sids]).to(self.device, self._dtype)
-            qkv[t] = qkv[t] + m @ self.proj.B[(layer, t)].T
+            qkv[t] = torch.addmm(qkv[t], m, self._b_t[(layer, t)])
         self._finish(f, qkv, out, moving)
 
     def _plain(self, f: _Flight, out: list, moving: list) -> None:
@@ -442,12 +443,28 @@ class CloudPart:
             self.fault_hook(f.layer, list(f.sids))
         h = rms_norm(f.x, lw.ln1, lw.eps)
         keys = self.proj.a_keys()
-        buf = torch.empty(len(keys), h.shape[0], self.cfg.rank, dtype=h.dtype, device=h.device)
-        for j, k in enumerate(keys):
-            torch.matmul(h, self.proj.A[(f.layer, k)].T, out=buf[j])
+        buf = (h @ self._a_t[f.layer]).view(h.shape[0], len(keys), self.cfg.rank).transpose(0, 1).contiguous()
         f.normed = h
         for i, sid in enumerate(f.sids):
             out.append(Activations(sid, f.layer, tuple(f.rows(buf[j], i) for j in range(len(keys)))))
+
+
+def _transposed(proj, rank: int) -> tuple[dict, dict]:
+    """The public projections stored as the stage multiplies by them: per layer every A
+    side by side, transposed (``[d, k * r]``: one product ``h @ A^T`` for all targets), and
+    each B transposed (``[r, out]``: ``addmm``). On a CPU a small batch times a weight
+    stored this way runs 2-3x faster than against ``[out, in]``. ``proj``'s own tables
+    become views of these: the same values, no second copy."""
+    a_t, b_t = {}, {}
+    for layer in sorted({layer for layer, _ in proj.A}):
+        keys = proj.a_keys()
+        a_t[layer] = torch.cat([proj.A[(layer, k)] for k in keys]).T.contiguous()
+        for j, k in enumerate(keys):
+            proj.A[(layer, k)] = a_t[layer][:, j * rank:(j + 1) * rank].T
+    for key, b in list(proj.B.items()):
+        b_t[key] = b.T.contiguous()
+        proj.B[key] = b_t[key].T
+    return a_t, b_t
 
 
 def _shape(t) -> str:
