@@ -312,3 +312,27 @@ def test_mirrors_only_use_room_the_blocks_do_not_need():
         err, _ = tight.step([(1, n, 1), (2, n, 1)])
         assert err < TOL
     assert tight.pool.mirror_builds == 0
+
+
+def test_more_cohorts_in_turn_than_mirrors_fit_stop_building_them(monkeypatch):
+    from privatelora.model import kvpool
+    monkeypatch.setattr(kvpool, "MAX_MIRRORS", 2)
+
+    def turns(wasted):
+        monkeypatch.setattr(kvpool, "WASTED_MIRRORS", wasted)
+        both = _Both([_layer(0)], block_size=4, budget_blocks=400)
+        lens = {s: 2 for s in range(1, 9)}
+        both.step([(s, 0, 2) for s in lens])
+        for _ in range(6):                      # four cohorts take turns, two mirrors fit
+            for c in [(1, 2), (3, 4), (5, 6), (7, 8)]:
+                err, _ = both.step([(s, lens[s], 1) for s in c])
+                assert err < TOL
+                for s in c:
+                    lens[s] += 1
+        err, _ = both.step([(1, lens[1], 1)])   # one session alone builds none
+        assert err < TOL
+        return both.pool.mirror_hits, both.pool.mirror_builds
+
+    assert turns(10 ** 6) == (0, 24)            # unguarded: every step builds one, none is read
+    hits, builds = turns(3)
+    assert builds <= 16 and hits + builds <= 24

@@ -61,6 +61,8 @@ from privatelora.model.block import Segment, apply_rope
 BLOCK_SIZE = 16
 MIRROR_SLACK = 64       # decode steps a mirror takes before it is gathered again
 MAX_MIRRORS = 256       # (layer, cohort) mirrors kept at most, least recently used dropped
+MIRROR_MIN_BATCH = 2    # a session decoding alone gathers little: no mirror
+WASTED_MIRRORS = 64     # mirrors dropped unread in a row before building them mostly stops
 INITIAL_BLOCKS = 16     # storage allocated up front; it doubles as sessions need more, up to the budget
 CPU_SHARE = 0.25        # default budget on a CPU: this share of the machine's memory
 GPU_SHARE = 0.90        # ... on a GPU: this share of what is free once the weights are loaded
@@ -111,6 +113,7 @@ class _Mirror:
     width: int
     k: torch.Tensor
     v: torch.Tensor
+    hits: int = 0
 
     @property
     def bytes(self) -> int:
@@ -135,6 +138,7 @@ class KVPool:
         self._mirrors: dict[tuple, _Mirror] = {}  # (layer, cohort) -> its keys/values, gathered once
         self._mirror_keys: dict[int, set] = {}    # session -> the mirrors that hold it
         self.mirror_hits = self.mirror_builds = 0  # steps a layer read a mirror; mirrors gathered
+        self._wasted = self._skip = 0  # mirrors dropped unread since the last read; builds still to skip
         self.budget_bytes = self.capacity * self.block_bytes
         self.k = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
         self.v = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
@@ -189,6 +193,8 @@ class KVPool:
             return None
         self._mirrors[(layer, plan.sids)] = m
         self.mirror_hits += 1
+        m.hits += 1
+        self._wasted = self._skip = 0
         if plan.smax > m.width:          # rows this step exposes: zeros past each session's length
             m.k[:, m.width:plan.smax].zero_()
             m.v[:, m.width:plan.smax].zero_()
@@ -214,14 +220,24 @@ class KVPool:
         ``layer``'s mirror of it, with room for ``MIRROR_SLACK`` more steps, if the budget
         has that room beside the storage (storage growth drops mirrors first; the least
         recently used go when the room or ``MAX_MIRRORS`` runs out). Only a step of single
-        rows builds one: a speculative chain's rewinds would leave it stale at once."""
-        if any(n != 1 for n in plan.ns):
-            return
+        rows of at least ``MIRROR_MIN_BATCH`` sessions builds one (a speculative chain's
+        rewinds would leave it stale at once; one session gathers little); and after
+        ``WASTED_MIRRORS`` mirrors dropped unread (more cohorts taking turns than mirrors
+        fit), the next ``WASTED_MIRRORS`` builds are skipped (or until a mirror is read)."""
         B, smax = kk.shape[0], kk.shape[1]
+        if B < MIRROR_MIN_BATCH or any(n != 1 for n in plan.ns):
+            return
+        if self._skip:                        # cohorts take turns faster than mirrors pay
+            self._skip -= 1
+            return
         need = 2 * B * (smax + MIRROR_SLACK) * self.n_kv * self.head_dim * kk.element_size()
         while self._mirrors and (len(self._mirrors) >= MAX_MIRRORS or
                                  self.allocated * self.block_bytes + self.mirror_bytes + need > self.budget_bytes):
-            self._forget(next(iter(self._mirrors)))
+            victim = next(iter(self._mirrors))
+            self._wasted += self._mirrors[victim].hits == 0
+            self._forget(victim)
+            if self._wasted >= WASTED_MIRRORS:
+                self._wasted, self._skip = 0, WASTED_MIRRORS
         if self.allocated * self.block_bytes + need > self.budget_bytes:
             return
         shape = (B, smax + MIRROR_SLACK, self.n_kv, self.head_dim)
