@@ -285,3 +285,15 @@ def test_a_bundle_over_the_frame_limit_goes_as_frames():
         await srv.stop()
     asyncio.run(asyncio.wait_for(main(), 30))
 
+
+
+def test_a_bundles_accounting_summed_by_kind_equals_adding_each_entry():
+    from privatelora.transport.stats import ByteStats
+    infos = [wire.FrameInfo("reply", 96, 132 + i, False) for i in range(5)] + \
+        [wire.FrameInfo("refused", 0, 140, False), wire.FrameInfo("reply", 48, 90, True)]
+    each, summed = ByteStats(), ByteStats()
+    for info in infos:
+        each.add("up", info)
+    summed.add_all("up", infos)
+    summed.add_all("down", [])
+    assert summed.as_dict() == each.as_dict() and summed.up["reply"].frames == 6

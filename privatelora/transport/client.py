@@ -202,8 +202,7 @@ class Client:
             return self._answer_each(msgs)
         for i, info in zip(where, results):
             out[i] = info
-            if not isinstance(info, BaseException):
-                self.stats.add(wire.UP, info)
+        self.stats.add_all(wire.UP, [info for info in results if not isinstance(info, BaseException)])
         self._queue_bytes(frame)
         return out
 
@@ -289,11 +288,11 @@ class Client:
         except wire.WireError as e:
             self.refusals[e.code] += 1
             return
+        self.stats.add_all(wire.DOWN, [info for _, msg, info in entries if not isinstance(msg, wire.WireError)])
         for _, msg, info in entries:
             if isinstance(msg, wire.WireError):
                 self.refusals[msg.code] += 1
             else:
-                self.stats.add(wire.DOWN, info)
                 self._route(msg)
 
     def _route(self, msg: wire.Message) -> None:

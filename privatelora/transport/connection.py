@@ -107,9 +107,9 @@ class ServerConnection:
                 out[i] = ConnectionResetError("connection closed")
             return out
         self._writer.write(b"".join(frames))  # one write for the batch: frames stay whole, in order
-        for _, info in infos:
-            self.stats.add(wire.DOWN, info)
-            self.server.stats.add(wire.DOWN, info)
+        sent = [info for _, info in infos]
+        self.stats.add_all(wire.DOWN, sent)
+        self.server.stats.add_all(wire.DOWN, sent)
         unsent = self._writer.transport.get_write_buffer_size()
         if unsent > self.server.max_pending_write:
             self.abort("slow_reader")

@@ -320,9 +320,10 @@ class Server:
             return False, None
         conn.bundles = True
         ok: bool | None = True
+        infos = [info for _, _, info in entries]
+        conn.stats.add_all(wire.UP, infos)
+        self.stats.add_all(wire.UP, infos)
         for s, msg, info in entries:
-            conn.stats.add(wire.UP, info)
-            self.stats.add(wire.UP, info)
             if s in conn.retired:                       # as a frame of a session the app ended
                 self._refuse(conn, wire.AuthError("session_closed", f"session {s} was closed by the cloud"), 0)
                 ok = None if ok else ok

@@ -30,6 +30,26 @@ class ByteStats:
         k.wire += info.wire_bytes
         k.compressed += info.compressed
 
+    def add_all(self, direction: str, infos) -> None:
+        """``add`` for each of ``infos`` (a bundle's entries), summed by kind first."""
+        sums: dict = {}
+        for info in infos:
+            k = sums.get(info.kind)
+            if k is None:
+                sums[info.kind] = [1, info.raw_bytes, info.wire_bytes, info.compressed]
+            else:
+                k[0] += 1
+                k[1] += info.raw_bytes
+                k[2] += info.wire_bytes
+                k[3] += info.compressed
+        table = getattr(self, direction)
+        for kind, (frames, raw, wire_bytes, compressed) in sums.items():
+            k = table.setdefault(kind, KindBytes())
+            k.frames += frames
+            k.raw += raw
+            k.wire += wire_bytes
+            k.compressed += compressed
+
     def total(self, direction: str) -> KindBytes:
         t = KindBytes()
         for k in list(getattr(self, direction).values()):   # a snapshot: scrapes run in other threads
