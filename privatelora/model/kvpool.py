@@ -62,6 +62,7 @@ BLOCK_SIZE = 16
 MIRROR_SLACK = 64       # decode steps a mirror takes before it is gathered again
 MAX_MIRRORS = 256       # (layer, cohort) mirrors kept at most, least recently used dropped
 MIRROR_MIN_BATCH = 2    # a session decoding alone gathers little: no mirror
+MAX_SEEN = 4096         # cohorts remembered as gathered once (forgotten all at once past this)
 WASTED_MIRRORS = 64     # mirrors dropped unread in a row before building them mostly stops
 INITIAL_BLOCKS = 16     # storage allocated up front; it doubles as sessions need more, up to the budget
 CPU_SHARE = 0.25        # default budget on a CPU: this share of the machine's memory
@@ -139,6 +140,7 @@ class KVPool:
         self._mirror_keys: dict[int, set] = {}    # session -> the mirrors that hold it
         self.mirror_hits = self.mirror_builds = 0  # steps a layer read a mirror; mirrors gathered
         self._wasted = self._skip = 0  # mirrors dropped unread since the last read; builds still to skip
+        self._seen: dict[tuple, list] = {}        # (layer, cohort) gathered once -> its lengths after
         self.budget_bytes = self.capacity * self.block_bytes
         self.k = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
         self.v = {i: torch.zeros(0, n_kv, head_dim, dtype=dtype, device=self.device) for i in layers}
@@ -221,11 +223,19 @@ class KVPool:
         has that room beside the storage (storage growth drops mirrors first; the least
         recently used go when the room or ``MAX_MIRRORS`` runs out). Only a step of single
         rows of at least ``MIRROR_MIN_BATCH`` sessions builds one (a speculative chain's
-        rewinds would leave it stale at once; one session gathers little); and after
+        rewinds would leave it stale at once; one session gathers little), and only when
+        the same cohort was gathered at this layer the step before, going on from there
+        (cohorts whose members change from token to token never pay for one); and after
         ``WASTED_MIRRORS`` mirrors dropped unread (more cohorts taking turns than mirrors
         fit), the next ``WASTED_MIRRORS`` builds are skipped (or until a mirror is read)."""
         B, smax = kk.shape[0], kk.shape[1]
         if B < MIRROR_MIN_BATCH or any(n != 1 for n in plan.ns):
+            return
+        key = (layer, plan.sids)
+        if self._seen.pop(key, None) != plan.starts:   # not yet seen going on from the step before
+            if len(self._seen) >= MAX_SEEN:
+                self._seen.clear()
+            self._seen[key] = plan.lengths
             return
         if self._skip:                        # cohorts take turns faster than mirrors pay
             self._skip -= 1
@@ -245,7 +255,6 @@ class KVPool:
         v = torch.empty(shape, dtype=kk.dtype, device=kk.device)
         k[:, :smax] = kk                 # padding rows: the zero block's zeros
         v[:, :smax] = vv
-        key = (layer, plan.sids)
         self._mirrors[key] = _Mirror(plan.lengths, smax, k, v)
         self.mirror_builds += 1
         for sid in plan.sids:

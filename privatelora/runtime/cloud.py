@@ -238,6 +238,9 @@ class CloudPart:
             admitted.append(req)
         if not admitted:
             return None
+        # in session order, whatever order the hand-offs came in: a cohort's rows then stand
+        # in the same order token after token, as its KV pool mirrors (kvpool.py) require
+        admitted.sort(key=lambda r: r.session)
         x = torch.cat([r.hidden for r in admitted]).to(self.device, self._dtype)
         return self._flight(self.layer_ids[0], [r.session for r in admitted],
                             [Segment(r.start, r.hidden.shape[0]) for r in admitted],
