@@ -252,8 +252,8 @@ class EndpointCollector(Collector):
                      s["sessions"])
         yield _gauge("privatelora_kv_cache_usage_bytes", "Bytes of the KV pool held by sessions' blocks", s["kv_bytes"])
         kv = s["kv"]
-        yield _gauge("privatelora_kv_cache_allocated_bytes", "Bytes the KV pool's storage holds now (it grows as "
-                     "sessions need it, up to the byte budget)", kv["allocated_bytes"])
+        yield _gauge("privatelora_kv_cache_allocated_bytes", "Bytes the KV pool holds now: its storage (it grows "
+                     "as sessions need it, up to the byte budget) and its decode mirrors", kv["allocated_bytes"])
         blocks = GaugeMetricFamily("privatelora_kv_cache_blocks", "KV pool blocks (block_size positions in every "
                                    "cloud layer), by state: allocated (the storage now), used (held by sessions), free "
                                    "(allocated, not used), capacity (what the byte budget allows)",
