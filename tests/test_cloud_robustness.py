@@ -102,3 +102,63 @@ def test_many_sessions_one_error_code_each_duplicate(backbones):
     answers = cloud.run([Handoff(1, 0, h), Handoff(1, 0, h)])
     assert [type(a).__name__ for a in answers] == ["Error", "Activations"]
     assert answers[0].code == "duplicate"
+
+
+def test_a_reopened_session_id_never_writes_into_blocks_another_session_now_holds(backbones):
+    """Plans are cached by (session, table epoch, start, rows): a session id closed and
+    opened again must not find its former life's plan, whose slots may now be another's."""
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    cloud = CloudPart(bb, cfg)
+    device = DevicePart(bb, cfg, PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(4))
+    prompt = [5, 6, 7, 8]
+
+    def first_layer(sid, ids):                       # the hand-off, then the reply: layer 0's keys written
+        g = Generation(device.session(sid), ids, SamplingParams(max_new_tokens=2))
+        (ans,) = cloud.run([g.start()])
+        (ans,) = cloud.run([g.on(ans)])
+        assert not isinstance(ans, Error), ans
+
+    cloud.open(7)
+    first_layer(7, prompt)
+    cloud.close(7)
+    cloud.open(8)                                    # takes the blocks session 7 gave back
+    first_layer(8, prompt[::-1])
+    layer = cloud.layer_ids[0]
+    group = cloud.kv.groups[cloud.layers[layer].window]
+    slots = [group.tables[8].blocks[p // cloud.kv.block_size] * cloud.kv.block_size + p % cloud.kv.block_size
+             for p in range(len(prompt))]
+    held = cloud.kv.k[layer][slots].clone()
+    cloud.open(7)                                    # the same id, a new session, the same first hand-off
+    first_layer(7, prompt)
+    assert not set(group.tables[7].blocks) & set(group.tables[8].blocks)
+    assert torch.equal(cloud.kv.k[layer][slots], held), "session 7 wrote into session 8's blocks"
+
+
+def test_a_failed_stage_drops_the_kv_mirrors_of_its_sessions(backbones):
+    """A stage that fails after a layer wrote a cohort's mirror is retried session by
+    session; those sessions' mirrors go (their rows were rewritten by the retry)."""
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    cloud = CloudPart(bb, cfg)
+    device = DevicePart(bb, cfg, PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(5))
+    gens = {sid: Generation(device.session(sid), [3 + sid, 4, 5], SamplingParams(max_new_tokens=8, temperature=0.0))
+            for sid in (1, 2)}
+    for sid in gens:
+        cloud.open(sid)
+    msgs = [g.start() for g in gens.values()]
+    failed = []
+
+    def hook(layer, sids):
+        if len(cloud.kv._mirrors) and not failed and layer == cloud.layer_ids[-1] and len(sids) == 2:
+            failed.append(layer)
+            raise RuntimeError("injected")
+    cloud.fault_hook = hook
+    while msgs:
+        answers = cloud.run(msgs)
+        assert not [a for a in answers if isinstance(a, Error)], answers
+        if failed and len(failed) == 1:
+            assert not any(sid in key[1] for key in cloud.kv._mirrors for sid in (1, 2))
+            failed.append("checked")
+        msgs = [m for a in answers if (m := gens[a.session].on(a)) is not None]
+    assert failed == [cloud.layer_ids[-1], "checked"] and cloud.kv.mirror_builds > 0

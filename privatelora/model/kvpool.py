@@ -213,8 +213,9 @@ class KVPool:
                 if not keys:
                     del self._mirror_keys[sid]
 
-    def _forget_session(self, session: int) -> None:
-        """Its positions were cut or freed: no mirror that holds them stays."""
+    def forget_mirrors(self, session: int) -> None:
+        """Its positions were cut, freed or rewritten (a failed stage): no mirror that holds
+        them stays."""
         for key in list(self._mirror_keys.get(session, ())):
             self._forget(key)
 
@@ -242,6 +243,8 @@ class KVPool:
             self._skip -= 1
             return
         need = 2 * B * (smax + MIRROR_SLACK) * self.n_kv * self.head_dim * kk.element_size()
+        if self.allocated * self.block_bytes + need > self.budget_bytes:
+            return                            # could not fit even alone: keep the others
         while self._mirrors and (len(self._mirrors) >= MAX_MIRRORS or
                                  self.allocated * self.block_bytes + self.mirror_bytes + need > self.budget_bytes):
             victim = next(iter(self._mirrors))
@@ -249,8 +252,6 @@ class KVPool:
             self._forget(victim)
             if self._wasted >= WASTED_MIRRORS:
                 self._wasted, self._skip = 0, WASTED_MIRRORS
-        if self.allocated * self.block_bytes + need > self.budget_bytes:
-            return
         shape = (B, smax + MIRROR_SLACK, self.n_kv, self.head_dim)
         k = torch.empty(shape, dtype=kk.dtype, device=kk.device)
         v = torch.empty(shape, dtype=kk.dtype, device=kk.device)
@@ -346,7 +347,7 @@ class KVPool:
             if t is None:
                 continue
             if length < t.length:
-                self._forget_session(session)
+                self.forget_mirrors(session)
             t.length = min(t.length, max(0, length))
             keep = -(-t.length // bs)
             while len(t.blocks) > keep:
@@ -369,7 +370,7 @@ class KVPool:
             t.first_kept = max(t.first_kept, dead * bs)
 
     def free(self, session: int) -> None:
-        self._forget_session(session)
+        self.forget_mirrors(session)
         for g in self.groups.values():
             t = g.tables.pop(session, None)
             if t is not None:

@@ -42,6 +42,8 @@ in-flight residual of the stage it waits on.
 
 from __future__ import annotations
 
+import itertools
+
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -136,6 +138,10 @@ class CloudPart:
                          dtype=lw0.wq.dtype if lw0 else torch.float32, device=self.device,
                          **({} if block_size is None else {"block_size": block_size}))
         self._plans: dict = {}
+        # table epochs are unique over the replica's life, not per session: a session id
+        # closed and opened again must never find its former life's plan (its slots may
+        # now be another session's blocks)
+        self._epochs = itertools.count(1)
         self.sessions: dict[int, _Session] = {}
         self.stats = StageStats()
         self.fault_hook = None                   # tests: called as fault_hook(layer, session ids)
@@ -144,7 +150,7 @@ class CloudPart:
     def open(self, session: int) -> None:
         if session in self.sessions:
             raise ValueError(f"session {session} is already open")
-        self.sessions[session] = _Session()
+        self.sessions[session] = _Session(epoch=next(self._epochs))
 
     def close(self, session: int) -> None:
         """Forget the session and give its KV blocks back to the pool (idempotent)."""
@@ -189,7 +195,8 @@ class CloudPart:
         for sid, (s, next_pos, pending, length) in saved.items():
             self.kv.truncate(sid, length)   # a rewind the stage made is redone when it runs again
             s.next_pos, s.pending = next_pos, pending
-            s.epoch += 1
+            s.epoch = next(self._epochs)
+            self.kv.forget_mirrors(sid)     # a layer it wrote before failing may be in one
 
     def _run(self, requests: list) -> list:
         out: list = []
@@ -234,7 +241,7 @@ class CloudPart:
                 continue
             self.kv.advance(req.session, req.start + n)
             self.kv.evict(req.session, req.start)
-            s.next_pos, s.epoch = req.start + n, s.epoch + 1
+            s.next_pos, s.epoch = req.start + n, next(self._epochs)
             admitted.append(req)
         if not admitted:
             return None

@@ -226,6 +226,8 @@ def _check_entry(view, fields, e, at, size, flags, code, field, key_for, geometr
         raise GeometryError("no_geometry", "tensor frames need the session's declared geometry")
     check_layer_in(g, layer)
     dname = CODE_DTYPES[dcode]
+    if dname == g.dtype == "int8" and not count * rows:   # no rows: no row scales either
+        raise SchemaError("bad_tensor", f"{field}: int8 tensors (only) carry row scales")
     check_record(dname, count, rows, cols, _count(g, UP if code == 5 else DOWN), g.rank, g.max_tokens, field,
                  g.dtype)
     return dname
