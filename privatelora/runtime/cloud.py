@@ -43,7 +43,6 @@ in-flight residual of the stage it waits on.
 from __future__ import annotations
 
 import itertools
-
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -465,9 +464,8 @@ def _transposed(proj, rank: int) -> tuple[dict, dict]:
     each B transposed (``[r, out]``: ``addmm``). On a CPU a small batch times a weight
     stored this way runs 2-3x faster than against ``[out, in]``. ``proj``'s own tables
     become views of these: the same values, no second copy."""
-    a_t, b_t = {}, {}
+    a_t, b_t, keys = {}, {}, proj.a_keys()
     for layer in sorted({layer for layer, _ in proj.A}):
-        keys = proj.a_keys()
         a_t[layer] = torch.cat([proj.A[(layer, k)] for k in keys]).T.contiguous()
         for j, k in enumerate(keys):
             proj.A[(layer, k)] = a_t[layer][:, j * rank:(j + 1) * rank].T

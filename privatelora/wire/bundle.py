@@ -171,7 +171,7 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
     entries = _table(view)
     code, name, cls, field = _ENTRY_KINDS[direction]
     out: list = [None] * len(entries)
-    ready = []                          # (i, layer, dtype name): checked, tensors still to read
+    ready = []                          # (i, dtype name): checked, tensors still to read
     for i, (fields, e, at, size, data) in enumerate(entries):
         try:
             ready.append((i, _check_entry(view, fields, e, at, size, hdr.flags, code, field, key_for, geometry_for)))
@@ -183,10 +183,9 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
     while k < len(ready):
         i, dname = ready[k]
         fields, _, at, size, data = entries[i]
-        shape = fields[2:4] + fields[6:8]
-        j = k + 1
+        j = k + 1                       # the run: the next entries, in table order, of this layout
         while dname != "int8" and j < len(ready) and ready[j][0] == i + j - k \
-                and entries[ready[j][0]][0][2:4] + entries[ready[j][0]][0][6:8] == shape:
+                and _layout(entries[i + j - k][0]) == _layout(fields):
             j += 1
         if dname == "int8":
             got = [_entry_tensors(view, fields, at, size, data, field)]
@@ -201,6 +200,11 @@ def decode_bundle(buf, *, direction: str, key_for: Callable[[int], bytes | None]
                 out[i] = (fields[0], cls(fields[0], fields[5], ts), FrameInfo(name, data, _share(i, size), False))
         k = j
     return out
+
+
+def _layout(fields) -> tuple:
+    """An entry's dtype code, tensor count, rows and cols: what its payload's layout is."""
+    return fields[2], fields[3], fields[6], fields[7]
 
 
 def _share(i: int, size: int) -> int:
