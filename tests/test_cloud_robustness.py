@@ -93,6 +93,51 @@ def test_reply_with_wrong_shape_or_nan_is_refused_then_session_recovers(backbone
     assert g.tokens == reference.generate(reference.merged_model(bb, adapter), [9, 8, 7], SamplingParams(max_new_tokens=4))[0]
 
 
+def test_replies_that_are_views_of_one_shared_tensor_are_checked_each_alone(backbones):
+    """A bundle's replies arrive as views of the one tensor it was decoded into, and the
+    stage checks them for NaN/inf through that tensor: a NaN in one session's rows refuses
+    that session alone, and the others go on to the monolithic model's tokens."""
+    bb = backbones["llama"]
+    cfg = PrivateLoRAConfig(rank=4)
+    cloud = CloudPart(bb, cfg)
+    prompts = {1: [5, 6, 7], 2: [9, 8, 7, 6], 3: [4, 4]}
+    adapters = {sid: PrivateAdapter(cfg, bb.n_layers, bb.fingerprint).randomize_(40 + sid) for sid in prompts}
+    gens = {sid: Generation(DevicePart(bb, cfg, adapters[sid]).session(sid), p, SamplingParams(max_new_tokens=4))
+            for sid, p in prompts.items()}
+    for sid in gens:
+        cloud.open(sid)
+    msgs = {sid: g.start() for sid, g in gens.items()}
+    poisoned = views = 0
+    while msgs:
+        batch, poisoning = list(msgs.values()), False
+        if len(msgs) > 1 and all(isinstance(m, Reply) for m in batch) and len({m.m[0].shape for m in batch}) == 1:
+            # as a decoded bundle holds them: one tensor, each reply a view of its rows
+            sids = sorted(msgs)
+            shared = torch.stack([torch.stack(msgs[sid].m) for sid in sids])
+            batch = [Reply(sid, msgs[sid].layer, tuple(shared[i].unbind(0))) for i, sid in enumerate(sids)]
+            assert all(t._base is shared for r in batch for t in r.m)
+            views += 1
+            if not poisoned and 2 in msgs:
+                poisoning = True
+                bad = shared.clone()
+                bad[sids.index(2), 1, 0, 0] = float("nan")
+                batch = [Reply(sid, msgs[sid].layer, tuple(bad[i].unbind(0))) for i, sid in enumerate(sids)]
+                poisoned = True
+        answers = cloud.run(batch)
+        refused = [a for a in answers if isinstance(a, Error)]
+        assert bool(refused) == poisoning
+        if refused:      # the poisoned step: session 2 alone; it sends its true reply next
+            assert [(a.session, a.code) for a in refused] == [(2, "not_finite")]
+        nxt = {a.session: gens[a.session].on(a) for a in answers if not isinstance(a, Error)}
+        msgs = {sid: m for sid, m in nxt.items() if m is not None}
+        if refused:
+            msgs[2] = Reply(2, batch[sids.index(2)].layer, tuple(shared[sids.index(2)].unbind(0)))
+    assert poisoned and views > 3
+    for sid, g in gens.items():
+        ref, _ = reference.generate(reference.merged_model(bb, adapters[sid]), prompts[sid], SamplingParams(max_new_tokens=4))
+        assert g.tokens == ref, sid
+
+
 def test_many_sessions_one_error_code_each_duplicate(backbones):
     bb = backbones["llama"]
     cfg = PrivateLoRAConfig(rank=4)

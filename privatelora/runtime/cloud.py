@@ -369,7 +369,7 @@ class CloudPart:
         One check over the whole stage (a torch op costs ~15 us of dispatch here, and a
         stage of 16 decode replies carries 48 tensors); per request only when it fails."""
         tensors = [t for r in reqs for t in ((r.hidden,) if isinstance(r, Handoff) else r.m)]
-        if not tensors or bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all()):
+        if not tensors or _all_finite(tensors):
             return reqs
         good = []
         for r in reqs:
@@ -454,8 +454,29 @@ class CloudPart:
         keys = self.proj.a_keys()
         buf = (h @ self._a_t[f.layer]).view(h.shape[0], len(keys), self.cfg.rank).transpose(0, 1).contiguous()
         f.normed = h
-        for i, sid in enumerate(f.sids):
-            out.append(Activations(sid, f.layer, tuple(f.rows(buf[j], i) for j in range(len(keys)))))
+        k, T = len(keys), buf.shape[1]
+        if T == len(f.sids):     # one row each (decode): every [1, r] view in one unbind
+            views = buf.view(k * T, 1, buf.shape[2]).unbind(0)
+            out.extend(Activations(sid, f.layer, views[i::T]) for i, sid in enumerate(f.sids))
+            return
+        for sid, part in zip(f.sids, buf.split([seg.n for seg in f.segs], dim=1)):
+            out.append(Activations(sid, f.layer, part.unbind(0)))
+
+
+def _all_finite(tensors: list) -> bool:
+    """Whether all of ``tensors`` is finite. Views of a few small bases (a bundle's replies,
+    decoded into one tensor) are checked through them: anything else non-finite in a base
+    only sends the caller to its per-request check."""
+    bases, size = {}, 0
+    for t in tensors:
+        b = t._base if t._base is not None else t
+        if b.dtype != t.dtype:          # a view of other bits: checked as itself
+            b = t
+        bases[id(b)] = b
+        size += t.numel()
+    if len(bases) <= 4 and sum(b.numel() for b in bases.values()) <= 2 * size:
+        return all(bool(torch.isfinite(b).all()) for b in bases.values())
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
 
 
 def _transposed(proj, rank: int) -> tuple[dict, dict]:
