@@ -76,6 +76,27 @@ def test_entries_decode_to_what_their_frames_decode_to(dtype, direction):
     assert [i.wire_bytes for i in infos] == shares
 
 
+def test_replies_that_are_views_of_one_buffer_are_checked_for_private_values_each_alone():
+    # an edge host answers a stage in one product: its replies are views of one tensor,
+    # whose rows the encoder checks for private values at once, and entry by entry only
+    # when one of them carries some
+    ks = keys(4)
+    secret = torch.randn(8, 8)
+    register_private_matrix(secret, "M")
+    out = torch.randn(12, 1, 8) + 0.01
+    views = out.unbind(0)
+    ms = [Reply(s, 2, views[3 * (s - 1):3 * s]) for s in range(1, 5)]
+    frame, infos = wire.encode_bundle([(m, ks[m.session], G) for m in ms], direction="up")
+    assert all(isinstance(i, wire.FrameInfo) for i in infos)
+    out[7, 0] = secret[:, 5]                       # session 3's second reply: a column of M
+    frame, infos = wire.encode_bundle([(m, ks[m.session], G) for m in ms], direction="up")
+    assert [getattr(i, "code", None) for i in infos] == [None, None, "private_value", None]
+    got = wire.decode_bundle(frame, direction="up", key_for=ks.get, geometry_for=lambda s: G)
+    assert [s for s, m, _ in got] == [1, 2, 4]
+    for s, m, _ in got:
+        assert all(torch.equal(a, b) for a, b in zip(m.m, ms[s - 1].m))
+
+
 def test_an_encoder_refusal_is_its_entrys_alone():
     ks = keys(6)
     ms = msgs(Reply, 6)

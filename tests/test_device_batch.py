@@ -21,10 +21,10 @@ from privatelora.config import PrivateLoRAConfig
 from privatelora.model.adapters import PrivateAdapter
 from privatelora.model.loading import load_backbone
 from privatelora.model.sampling import SamplingParams
-from privatelora.runtime.device import DevicePart, logits_many
+from privatelora.runtime.device import DevicePart, logits_many, replies_many
 from privatelora.runtime.draft import NgramDraft
 from privatelora.runtime.generation import Generation
-from privatelora.runtime.messages import Activations, Handoff
+from privatelora.runtime.messages import Activations, Handoff, Reply
 from privatelora.runtime.runner import InProcessRunner
 from privatelora.serving.endpoint import CloudEndpoint
 from privatelora.serving.remote import DeviceBatch, run_remote
@@ -78,6 +78,44 @@ def _alone(bb, cfg, part, prompt, params, draft=None):
     g = Generation(part.session(1), prompt, params, draft=draft)
     InProcessRunner(build_split(cfg=cfg, backbone=bb).cloud).run([g])
     return g
+
+
+def test_replies_many_equals_each_reply_and_isolates_a_bad_one(mistral):
+    cfg = PrivateLoRAConfig(rank=4)
+    parts = _devices(mistral, cfg, 5)
+    alone = [p.session(i + 1) for i, p in enumerate(parts)]
+    together = [p.session(i + 1) for i, p in enumerate(parts)]
+    layers = cfg.exchange_layers(mistral.n_layers)
+    g = torch.Generator().manual_seed(5)
+
+    def acts(rows_of):
+        # decode rows at the first adapted layer, a prefill's rows and another layer mixed in
+        return [Activations(i + 1, layers[i % 2], tuple(torch.randn(rows_of(i), 4, generator=g) for _ in range(3)))
+                for i in range(5)]
+    stacks = {}
+    for step, rows_of in enumerate((lambda i: 1, lambda i: 1 + (i == 3) * 6, lambda i: 1)):
+        batch = acts(rows_of)
+        if step == 2:      # a malformed one: refused alone, the others still answered
+            batch[1] = Activations(2, batch[1].layer, batch[1].a[:2])
+        got = replies_many(list(zip(together, batch)), stacks)
+        for i, (s, act, rep) in enumerate(zip(alone, batch, got)):
+            if step == 2 and i == 1:
+                with pytest.raises(IndexError):
+                    s.reply(act)
+                assert isinstance(rep, IndexError)
+                continue
+            want = s.reply(act)
+            assert isinstance(rep, Reply) and (rep.session, rep.layer) == (want.session, want.layer)
+            assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(rep.m, want.m))
+        assert [s.comm.to_device for s in together] == [s.comm.to_device for s in alone]
+        assert [s.comm.to_cloud for s in together] == [s.comm.to_cloud for s in alone]
+    assert stacks       # the decode groups used the stacked M's
+    # an M changed in place (a training step) is seen at once, stacked copy or not
+    with torch.no_grad():
+        parts[0].adapter.get(layers[0], cfg.targets[0]).add_(1.0)
+    batch = acts(lambda i: 1)
+    for s, act, rep in zip(alone, batch, replies_many(list(zip(together, batch)), stacks)):
+        assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(rep.m, s.reply(act).m))
 
 
 def test_device_batch_over_tcp_is_exact_and_answers_stages_together(mistral, monkeypatch):

@@ -76,16 +76,20 @@ class DevicePart:
             by_key = dict(zip(akeys, a))
             return tuple(by_key[self.proj.a_key(t)].to(dt) @ self.adapter.get(layer, t).T
                          for t in self.cfg.targets)
+        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in self.m_plan(layer))
+
+    def m_plan(self, layer: int) -> tuple:
+        """Per target of ``layer``: (which ``a`` it multiplies, its M^T), made once per layer
+        (M^T is a detached view of the adapter's M: in-place changes of M show through)."""
         plans = self.__dict__.setdefault("_m_plans", {})
         plan = plans.get(layer)
         if plan is None or plan[0] is not self.adapter:
-            # per layer, once: which a each target multiplies and its M^T (a detached view of
-            # the adapter's M: in-place changes of M show through); the same products as above
+            akeys = ("shared",) if self.cfg.shared_a else self.cfg.targets
             where = {k: i for i, k in enumerate(akeys)}
             plan = (self.adapter, tuple((where[self.proj.a_key(t)], self.adapter.get(layer, t).detach().T)
                                         for t in self.cfg.targets))
             plans[layer] = plan
-        return tuple((a[i] if a[i].dtype is dt else a[i].to(dt)) @ mt for i, mt in plan[1])
+        return plan[1]
 
     def local_layer(self, i: int, x: torch.Tensor, seg: Segment, cache: KVCache) -> torch.Tensor:
         """A whole layer on the device (head/tail layers): M applied locally if it is adapted."""
@@ -187,6 +191,60 @@ class DeviceSession:
 
 
 # ---- several sessions at once (an edge host carrying many users) ---------------------------
+@torch.no_grad()
+def replies_many(items: list, stacks: dict | None = None) -> list:
+    """``session.reply(act)`` for several ``(session, Activations)``: per layer and shape,
+    every session's ``M_t a`` in one batched product (``bmm`` of the stacked ``a`` and the
+    stacked M^T). Per item its ``Reply``, with the same accounting as ``reply``, or the
+    exception ``reply`` raises for it alone (a group that cannot be stacked is answered
+    session by session). ``stacks``: the caller's cache of stacked M^T (private copies,
+    tagged so; rebuilt when an M changes in place)."""
+    out: list = [None] * len(items)
+    groups: dict = {}
+    for j, (sess, act) in enumerate(items):
+        a0 = act.a[0] if isinstance(act.a, tuple) and act.a and isinstance(act.a[0], torch.Tensor) else None
+        cfg = sess.part.cfg
+        key = None if a0 is None or a0.dim() != 2 else \
+            (act.layer, len(act.a), tuple(a0.shape), cfg.torch_dtype, cfg.targets, cfg.shared_a)
+        groups.setdefault(key, []).append(j)
+    for key, js in groups.items():
+        if key is not None and len(js) > 1:
+            try:
+                _replies_stacked(key, [items[j] for j in js], out, js, {} if stacks is None else stacks)
+                continue
+            except Exception:    # malformed activations, say: each session meets its own error
+                pass
+        for j in js:
+            try:
+                out[j] = items[j][0].reply(items[j][1])
+            except Exception as e:
+                out[j] = e
+    return out
+
+
+def _replies_stacked(key: tuple, group: list, out: list, where: list, stacks: dict) -> None:
+    layer, k, (n, r), dt = key[:4]
+    plans = [sess.part.m_plan(layer) for sess, _ in group]
+    idx = [i for i, _ in plans[0]]
+    G, t = len(group), len(idx)
+    a = torch.stack([x for _, act in group for x in act.a])                  # [G * k, n, r]
+    if idx != list(range(k)):
+        a = a.view(G, k, n, r)[:, idx].reshape(G * t, n, r)
+    name = (layer, tuple(map(id, plans)))
+    versions = tuple(p[0][1]._version for p in plans)       # an adapter's M's share one counter
+    hit = stacks.get(name)
+    if hit is None or hit[1] != versions:
+        if len(stacks) >= 1024:
+            stacks.clear()
+        hit = stacks[name] = (plans, versions, mark_private(torch.stack([mt for p in plans for _, mt in p])))
+    views = torch.bmm(a if a.dtype is dt else a.to(dt), hit[2]).unbind(0)   # [G * t, n, r]
+    sent, back = k * n * r, t * n * r
+    for g, ((sess, act), j) in enumerate(zip(group, where)):
+        sess.comm.to_device[layer] += sent
+        sess.comm.to_cloud[layer] += back
+        out[j] = Reply(sess.session, layer, views[g * t:(g + 1) * t])
+
+
 @torch.no_grad()
 def logits_many(items: list) -> None:
     """Compute the final norm and LM head of several sessions' hand-offs ``(session,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from privatelora import wire
 from privatelora.model.sampling import SamplingParams
-from privatelora.runtime.device import logits_many
+from privatelora.runtime.device import logits_many, replies_many
 from privatelora.runtime.generation import Generation
 from privatelora.transport import ByteStats, Client, Redirected, RemoteError
 
@@ -181,8 +181,9 @@ class DeviceBatch:
 
     Pass the same ``DeviceBatch`` to every ``run_remote`` of the process (``batch=``). Each
     read burst of a connection (a stage's activations for all of its sessions, arriving in
-    one write) is answered right there, in the read loop's turn: each session's ``M a``,
-    the replies in one write, no coroutine woken per user. The final hand-offs that arrive
+    one write) is answered right there, in the read loop's turn: every session's ``M a`` at
+    one layer in one batched product (``runtime.device.replies_many``), the replies in one
+    write, no coroutine woken per user. The final hand-offs that arrive
     together get their LM heads in one product (``runtime.device.logits_many``: one read of
     the head's weights for all users) before their sessions sample. Values, accounting and
     round-trip counts are those of the per-session path; everything else (errors,
@@ -191,6 +192,7 @@ class DeviceBatch:
 
     def __init__(self):
         self._runs: dict = {}        # transport Session -> (Generation, observe)
+        self._stacks: dict = {}      # stacked M^T of a layer's sessions (``replies_many``)
 
     def attach(self, sess, gen: Generation, observe) -> None:
         self._runs[sess] = (gen, observe)
@@ -208,12 +210,11 @@ class DeviceBatch:
             logits_many(backs)
         now = asyncio.get_running_loop().time()
         answered, replies = [], []
-        for sess, run, msg in acts:
-            try:
-                replies.append(run[0].device.reply(msg))
-            except Exception:             # the session's own loop meets the failure again
+        for (sess, run, msg), rep in zip(acts, replies_many([(run[0].device, msg) for _, run, msg in acts], self._stacks)):
+            if isinstance(rep, BaseException):    # the session's own loop meets the failure again
                 sess.deliver(msg)
                 continue
+            replies.append(rep)
             answered.append((sess, run, msg))
         # one bundle frame for all the replies (a failure is its session's alone)
         for (sess, (gen, observe), msg), res in zip(answered, client.answer_many(replies)):

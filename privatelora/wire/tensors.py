@@ -168,8 +168,8 @@ def pack_group(ctx, ts, count, cols, max_rows, what, shareable: bool = False) ->
     else:  # one stack and one conversion for the group: per-tensor conversions cost ~5 us each
         x = _as_float32(torch.stack(ts) if len(ts) > 1 else ts[0][None])
         record = pack_tensor(ctx, x, what)           # refuses NaN/inf first
-    if ctx.direction == UP:
-        _check_values(x, what)
+    if ctx.direction == UP and (shared is None or not buf.clean()):
+        _check_values(x, what)          # a clean buffer: all its rows were checked at once
     return record
 
 
@@ -201,6 +201,7 @@ class SharedBuffer:
         # elements between rows i and i+1 of a [k, T, r] buffer: one slice gathers a frame's views
         self.span = base.stride(0) if base.dim() == 3 and base.shape[2] == cols else 0
         self.x = _as_float32(base).reshape(-1)                       # float32, flat
+        self._clean = None
         self.scale = None
         if dtype == "int8":
             rows = self.x.reshape(-1, cols)
@@ -223,6 +224,14 @@ class SharedBuffer:
         if self.span:
             self.x2 = self.x.reshape(-1, self.span)
             self.w2 = self.w.reshape(-1, self.span) if self.finite else None
+
+    def clean(self) -> bool:
+        """No row of the whole buffer carries registered private values (``private_hit``,
+        checked once for every frame that sends views of it); False sends each frame to
+        its own check, which refuses the one that does."""
+        if self._clean is None:
+            self._clean = private_hit(self.x.reshape(-1, self.cols)) is None
+        return self._clean
 
     def _gather(self, a: np.ndarray, a2, offsets: list[int], n: int) -> np.ndarray:
         """a[o:o+n] for each offset, stacked: one strided slice of ``a2`` (``a`` as [k, T*r])
