@@ -40,10 +40,10 @@ into the pool, which stays the source of truth). A mirror is read only while its
 (the same sessions, in order) starts exactly where it left off; a session's truncation
 or end drops every mirror holding it, a flat step drops its layer's, and it is gathered
 again when its slack runs out. It is built only for a cohort seen going on from the step
-before at that layer (``remember``), so cohorts whose members change never pay for one. Mirrors live in the byte budget's room beside the
-storage: storage growth drops them first, so ``allocated_bytes`` (storage plus
-``mirror_bytes``) never passes the budget; on a GPU, whose storage takes the whole
-budget, there are none.
+before at that layer (``remember``), so cohorts whose members change never pay for one.
+Mirrors live in the byte budget's room beside the storage: storage growth drops them
+first, so ``allocated_bytes`` (storage plus ``mirror_bytes``) never passes the budget; on a
+GPU, whose storage takes the whole budget, there are none.
 
 Gauges: ``blocks`` (allocated), ``used``, ``free`` and ``capacity`` (the budget);
 ``allocated_bytes`` is the bytes of the storage tensors themselves and of the mirrors

@@ -210,7 +210,8 @@ class DeviceBatch:
             logits_many(backs)
         now = asyncio.get_running_loop().time()
         answered, replies = [], []
-        for (sess, run, msg), rep in zip(acts, replies_many([(run[0].device, msg) for _, run, msg in acts], self._stacks)):
+        reps = replies_many([(run[0].device, msg) for _, run, msg in acts], self._stacks)
+        for (sess, run, msg), rep in zip(acts, reps):
             if isinstance(rep, BaseException):    # the session's own loop meets the failure again
                 sess.deliver(msg)
                 continue

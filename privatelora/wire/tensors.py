@@ -244,10 +244,11 @@ class SharedBuffer:
 
     def record(self, ctx: FrameContext, offsets: list[int], rows: int, what: str) -> tuple[list, np.ndarray | None]:
         """The record of the views starting at flat element ``offsets`` ([rows, cols] each),
-        and (up frames only: the by-value check) their float32 stack [count, rows, cols]."""
+        and (up frames of a buffer not ``clean``: the by-value check) their float32 stack
+        [count, rows, cols]."""
         n, cols, count = rows * self.cols, self.cols, len(offsets)
         x = self._gather(self.x, getattr(self, "x2", None), offsets, n).reshape(count, rows, cols) \
-            if ctx.direction == UP or not self.finite else None
+            if not self.finite or (ctx.direction == UP and not self.clean()) else None
         if not self.finite:          # some rows of the buffer are bad: are this message's?
             return pack_tensor(ctx, x, what), x
         ctx.raw += count * n * DTYPES[ctx.dtype]
